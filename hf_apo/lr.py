@@ -1,0 +1,225 @@
+"""APO-LR: meta-learn the learning rate of SGD, SGD with momentum / Nesterov, RMSprop, Adam or AdamW.
+
+The update is the wrapped torch optimizer's own, with group["lr"] scaled by a learned multiplier:
+
+    Δ = −η · d,   η = group["lr"] · exp(φ_group),
+
+where d is the base optimizer's direction (for AdamW m̂/(√v̂ + ε) plus decoupled weight decay). φ is one float32
+log-multiplier per parameter group, so the Trainer's ``learning_rate`` is the initial LR and a scheduler still
+scales it. φ is clamped to ``log_lr_range`` (a numerical guard; the λ's of the objective are what regularise).
+
+Meta-gradient (no Hessian). ∂Δ/∂φ_group = Δ_group, so with v = ∇_{θ′}Q
+
+    ∂Q/∂φ_group = ⟨Δ_group, v_group⟩ + λ_WSD · ‖Δ_group‖²,
+
+and a negative value raises the learning rate. φ takes an Adam step on it (meta learning rate ``meta_lr``).
+
+Exact and cheap meta step. Δ is linear in η for every supported base and the base's state (moments, momentum
+buffers) does not depend on η, so the look-ahead *is* the real step with the current φ:
+
+    1. keep θ (one extra copy of the parameters, on meta steps only) and the target f(B′; θ);
+    2. take the base step with the current φ: the parameters are now θ′ = θ + Δ;
+    3. v at θ′, meta-gradient, φ ← φ_new;
+    4. θ′ += Δ · (exp(φ_new − φ) − 1) per group, which is the step the base would have taken with φ_new.
+
+With meta-learning off (``meta_lr = 0``) ``step()`` is the wrapped optimizer's step, bit for bit, and its
+foreach/fused kernels are used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .meta import MetaLearnedOptimizer
+from .objective import ProximalObjective
+
+BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+class APOLR(MetaLearnedOptimizer):
+    """Learning-rate APO around a torch optimizer.
+
+    Args:
+        params_or_optimizer: parameters / parameter groups (the base optimizer is then built from ``base`` and
+            ``base_kwargs``) or an already built ``SGD``, ``RMSprop``, ``Adam`` or ``AdamW`` to wrap.
+        objective: the proximal meta-objective; required when ``meta_lr > 0``.
+        base: ``"sgd"``, ``"rmsprop"``, ``"adam"`` or ``"adamw"`` (ignored when an optimizer is passed).
+        meta_interval: a meta step every this many optimizer steps (K).
+        meta_lr: Adam learning rate on φ; φ moves about ``meta_lr`` per meta step, so a c× change of the LR
+            takes ln(c) / meta_lr meta steps. 0 turns meta-learning off.
+        meta_batch_fraction: the meta batch B′ is this fraction of the previously observed batch.
+        log_lr_range: clamp of φ = log(multiplier).
+        meta_betas: Adam betas of the meta-optimizer.
+        **base_kwargs: forwarded to the base optimizer (``lr``, ``weight_decay``, ``momentum``, ...).
+
+    Usage::
+
+        objective = ProximalObjective(model, lambda_fsd=10.0)
+        optimizer = APOLR(model.parameters(), objective, base="adamw", lr=1e-4)
+        for batch in loader:
+            model(**batch).loss.backward()
+            optimizer.observe(batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params_or_optimizer,
+        objective: ProximalObjective | None = None,
+        *,
+        base: str = "adamw",
+        meta_interval: int = 10,
+        meta_lr: float = 0.1,
+        meta_batch_fraction: float = 0.25,
+        log_lr_range: tuple[float, float] = (-10.0, 10.0),
+        meta_betas: tuple[float, float] = (0.9, 0.999),
+        **base_kwargs: Any,
+    ):
+        if isinstance(params_or_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise ValueError(f"base optimizer keyword arguments {sorted(base_kwargs)} given with a built optimizer.")
+            base_optimizer = params_or_optimizer
+        else:
+            if base not in BASE_OPTIMIZERS:
+                raise ValueError(f"base must be one of {sorted(BASE_OPTIMIZERS)}, got {base!r}.")
+            base_optimizer = BASE_OPTIMIZERS[base](params_or_optimizer, **base_kwargs)
+        if not isinstance(base_optimizer, tuple(BASE_OPTIMIZERS.values())):
+            raise ValueError(
+                f"APO-LR wraps torch.optim.SGD, RMSprop, Adam or AdamW, whose step is linear in the learning rate; "
+                f"got {type(base_optimizer).__name__}."
+            )
+        low, high = (float(x) for x in log_lr_range)
+        if not low <= 0 <= high:
+            raise ValueError(f"log_lr_range must satisfy low <= 0 <= high, got {log_lr_range!r}.")
+        self.base_optimizer = base_optimizer
+        # The groups are the base optimizer's own dicts: schedulers and the Trainer write group["lr"] there.
+        super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
+        self.state = base_optimizer.state
+        self._init_meta(objective, meta_interval, meta_lr, meta_batch_fraction, meta_betas)
+        self.log_lr_range = (low, high)
+        self.log_lr = torch.zeros(len(self.param_groups), dtype=torch.float32)
+        self.meta_optimizer = torch.optim.Adam([self.log_lr], lr=self.meta_lr or 1.0, betas=self.meta_betas)
+        self._multipliers = [1.0] * len(self.param_groups)
+        self._initialized = True
+
+    @property
+    def lr_multipliers(self) -> list[float]:
+        """exp(φ) per parameter group: the factor applied to each group's scheduled learning rate."""
+        return list(self._multipliers)
+
+    def _base_step(self, multipliers: list[float]) -> None:
+        scheduled = [group["lr"] for group in self.param_groups]
+        for group, multiplier in zip(self.param_groups, multipliers):
+            if multiplier != 1.0:
+                group["lr"] = group["lr"] * multiplier
+        try:
+            self.base_optimizer.step()
+        finally:
+            for group, lr in zip(self.param_groups, scheduled):
+                group["lr"] = lr
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.step_count += 1
+        if self._meta_step_due():
+            self._meta_step()
+        else:
+            self._base_step(self._multipliers)
+        return loss
+
+    def _meta_step(self) -> None:
+        batch, meta_batch = self._meta_batches()
+        groups = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        params = [p for group in groups for p in group]
+        target = self.objective.target(meta_batch)
+        deltas = [p.detach().clone() for p in params]  # θ; the only extra copy of the parameters
+
+        self._base_step(self._multipliers)  # θ′ = θ + Δ(φ)
+        torch._foreach_sub_(deltas, [p.detach() for p in params])
+        torch._foreach_neg_(deltas)  # Δ = θ′ − θ, in place of the copy of θ
+        result = self.objective.lookahead_gradient(params, batch, meta_batch, target)
+
+        dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
+        device = params[0].device if params else torch.device("cpu")
+        meta_grad = torch.zeros(len(groups), dtype=dtype, device=device)
+        wsd = self.objective.lambda_wsd
+        objective = result.objective.to(dtype)
+        index = 0
+        for group_index, group in enumerate(groups):
+            for _ in group:
+                delta, v = deltas[index], result.lookahead_grads[index]
+                delta = delta.to(dtype)
+                if v is not None:
+                    meta_grad[group_index] += (delta * v.to(dtype)).sum()
+                if wsd:
+                    squared = delta.pow(2).sum()
+                    meta_grad[group_index] += wsd * squared
+                    objective = objective + 0.5 * wsd * squared
+                index += 1
+        self.last_meta_gradient = meta_grad.detach().cpu()
+        if not self._reduce_and_check(meta_grad, objective):
+            return
+
+        old = self.log_lr.clone()
+        self.log_lr.grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
+        self.meta_optimizer.step()
+        self.log_lr.grad = None
+        self.log_lr.clamp_(*self.log_lr_range)
+        self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
+
+        # Rescale the step already taken to the one the new φ gives: θ′ += Δ · (exp(φ_new − φ) − 1).
+        index = 0
+        for group_index, group in enumerate(groups):
+            correction = math.expm1(float(self.log_lr[group_index] - old[group_index]))
+            for p in group:
+                if correction != 0.0:
+                    p.add_(deltas[index], alpha=correction)
+                index += 1
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus an ``apo`` entry (φ, meta-Adam state, counters, last batch)."""
+        state = self.base_optimizer.state_dict()
+        state["apo"] = {
+            **self._meta_state(),
+            "log_lr": self.log_lr.clone(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        apo = state_dict.pop("apo", None)
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        if apo is None:
+            return
+        self._load_meta_state(apo)
+        # φ lives on the CPU in float32 whatever device the checkpoint was mapped to.
+        self.log_lr.copy_(apo["log_lr"].to(device="cpu", dtype=torch.float32))
+        self.meta_optimizer.load_state_dict(apo["meta_optimizer"])
+        self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
+
+    def metrics(self) -> dict[str, float]:
+        metrics = super().metrics()
+        multipliers = self._multipliers
+        metrics["apo/lr_multiplier"] = math.exp(sum(math.log(m) for m in multipliers) / len(multipliers))
+        if len(multipliers) > 1:
+            for index, multiplier in enumerate(multipliers):
+                metrics[f"apo/lr_multiplier_group{index}"] = multiplier
+        metrics["apo/learning_rate"] = self.param_groups[0]["lr"] * multipliers[0]
+        return metrics

@@ -1,0 +1,156 @@
+"""What APO-LR and APO-Precond share: when a meta step runs, which batches it sees, the distributed reduction of
+the meta-gradient, the NaN/inf guard, and the ``apo`` section of the state dict.
+
+A meta step runs inside ``step()`` on every ``meta_interval``-th call. Its batches come from :meth:`observe`,
+which the training loop calls with each (micro-)batch it trains on:
+
+* B, the batch whose gradient the step applies, is the most recently observed batch (under gradient
+  accumulation: the last micro-batch of the accumulation window);
+* B′, the meta batch, is the batch observed before it (the previous micro-batch, or the last one of the
+  previous step), cut to its first ``ceil(meta_batch_fraction · size)`` examples. Only on the very first
+  step of a run, when nothing was observed before, is B′ = B.
+
+No batch is drawn twice from the data; the last observed batch is part of the state dict so that a resumed run
+sees the same B′ as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .objective import Batch, ProximalObjective, batch_size_of, move_batch, slice_batch
+
+
+def _validate_meta_args(meta_interval: int, meta_lr: float, meta_batch_fraction: float, meta_betas) -> None:
+    if not isinstance(meta_interval, int) or meta_interval < 1:
+        raise ValueError(f"meta_interval must be an integer >= 1, got {meta_interval!r}.")
+    if not meta_lr >= 0:
+        raise ValueError(f"meta_lr must be >= 0 (0 switches meta-learning off), got {meta_lr!r}.")
+    if not 0 < meta_batch_fraction <= 1:
+        raise ValueError(f"meta_batch_fraction must be in (0, 1], got {meta_batch_fraction!r}.")
+    if len(meta_betas) != 2 or not all(0 <= b < 1 for b in meta_betas):
+        raise ValueError(f"meta_betas must be two numbers in [0, 1), got {meta_betas!r}.")
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over data-parallel ranks, in place; a no-op in a single process.
+
+    The look-ahead backward is not seen by DDP, so without this φ would drift apart across ranks.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+class MetaLearnedOptimizer(torch.optim.Optimizer):
+    """Base class: meta-step cadence, batch bookkeeping, reduction, guard and state; subclasses own the math."""
+
+    def _init_meta(
+        self,
+        objective: ProximalObjective | None,
+        meta_interval: int,
+        meta_lr: float,
+        meta_batch_fraction: float,
+        meta_betas: tuple[float, float],
+    ) -> None:
+        _validate_meta_args(meta_interval, meta_lr, meta_batch_fraction, meta_betas)
+        if meta_lr > 0 and objective is None:
+            raise ValueError("meta_lr > 0 needs an objective (a ProximalObjective); pass meta_lr=0 to run the base rule.")
+        self.objective = objective
+        self.meta_interval = meta_interval
+        self.meta_lr = float(meta_lr)
+        self.meta_batch_fraction = float(meta_batch_fraction)
+        self.meta_betas = tuple(meta_betas)
+        self.step_count = 0
+        self.meta_steps = 0
+        self.skipped_meta_steps = 0
+        self.last_meta_objective = float("nan")
+        self._current_batch: Batch | None = None
+        self._previous_batch: Batch | None = None
+
+    # -- batches --------------------------------------------------------------------------------------------
+    def observe(self, batch: Batch) -> None:
+        """Record a batch the model is trained on; call once per (micro-)batch, before ``step()``."""
+        self._previous_batch = self._current_batch
+        self._current_batch = dict(batch) if isinstance(batch, Mapping) else batch
+
+    def _meta_batches(self) -> tuple[Batch, Batch]:
+        batch = self._current_batch
+        meta_batch = self._previous_batch if self._previous_batch is not None else batch
+        size = batch_size_of(meta_batch)
+        if size is not None and self.meta_batch_fraction < 1:
+            meta_batch = slice_batch(meta_batch, max(1, math.ceil(self.meta_batch_fraction * size)))
+        device = next((p.device for g in self.param_groups for p in g["params"]), None)
+        return move_batch(batch, device), move_batch(meta_batch, device)
+
+    def _meta_step_due(self) -> bool:
+        return (
+            self.meta_lr > 0
+            and self.objective is not None
+            and self._current_batch is not None
+            and self.step_count % self.meta_interval == 0
+        )
+
+    # -- guard and reduction ------------------------------------------------------------------------------
+    def _reduce_and_check(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> bool:
+        """All-reduces [meta-gradient, Q] (mean over ranks) in place; False, with a warning, if any is non-finite.
+
+        The check runs after the reduction so every rank takes the same decision.
+        """
+        packed = torch.cat([meta_grad.reshape(-1), objective.reshape(1).to(meta_grad.dtype)])
+        all_reduce_mean(packed)
+        meta_grad.copy_(packed[:-1].view_as(meta_grad))
+        finite = bool(torch.isfinite(packed).all())
+        self.last_meta_objective = float(packed[-1])
+        if finite:
+            self.meta_steps += 1
+        else:
+            self.skipped_meta_steps += 1
+            warnings.warn(
+                f"APO: non-finite meta-objective or meta-gradient at step {self.step_count}; this meta step is "
+                "skipped (the meta-parameters are unchanged) and the base update proceeds.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return finite
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def _meta_state(self) -> dict[str, Any]:
+        return {
+            "step_count": self.step_count,
+            "meta_steps": self.meta_steps,
+            "skipped_meta_steps": self.skipped_meta_steps,
+            "last_meta_objective": self.last_meta_objective,
+            "last_batch": self._current_batch,
+        }
+
+    def _load_meta_state(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.meta_steps = int(state["meta_steps"])
+        self.skipped_meta_steps = int(state["skipped_meta_steps"])
+        self.last_meta_objective = float(state["last_meta_objective"])
+        self._current_batch = state.get("last_batch")
+        self._previous_batch = None
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars for the training log, under keys that start with ``apo/``."""
+        return {
+            "apo/meta_objective": self.last_meta_objective,
+            "apo/meta_steps": float(self.meta_steps),
+            "apo/skipped_meta_steps": float(self.skipped_meta_steps),
+        }
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_initialized", False):
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support add_param_group after construction: its meta-parameters "
+                "are sized at construction. Build the optimizer with all parameter groups."
+            )
+        super().add_param_group(param_group)

@@ -1,0 +1,261 @@
+"""The proximal meta-objective of APO, in one place.
+
+For one look-ahead step θ′ = θ + Δ(φ) of the update rule on the training batch B, APO scores φ by
+
+    Q(φ) = L_B(θ′) + λ_FSD · mean_{x ∈ B′} D(f(x; θ) ‖ f(x; θ′)) + (λ_WSD / 2) · ‖θ′ − θ‖²
+
+with B′ a different (meta) batch. Since g = ∇L_B(θ) does not depend on φ, the meta-gradient is
+∇_φ Q = (∂Δ/∂φ)ᵀ v with v = ∇_{θ′} Q: this module computes Q and v (one forward at θ without grad for the
+target distribution, one forward/backward at θ′); the optimizers own ∂Δ/∂φ and the weight-space term,
+whose gradient λ_WSD · Δ they know in closed form.
+
+Why both λ's may not be zero by default: L_B(θ′) is evaluated on the same batch B that produced the
+gradient, so on its own it rewards far too large a step (the learned learning rate runs away). The
+function-space term λ_FSD (in nats per target token, portable across models) or the weight-space term λ_WSD
+(scale depends on the parameter count) is what regularises the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = Any
+ForwardFn = Callable[[nn.Module, Batch], Any]
+DivergenceFn = Callable[[Any, Any, Batch], torch.Tensor]
+
+DIVERGENCES = ("kl", "squared_error")
+
+
+def default_forward(model: nn.Module, batch: Batch) -> Any:
+    """Hugging Face convention: keyword batch in, output with ``loss`` and ``logits`` out."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def get_output(outputs: Any, key: str) -> torch.Tensor | None:
+    """Reads ``key`` from a ``ModelOutput``, a dict or an object attribute; None when absent."""
+    if isinstance(outputs, Mapping):
+        return outputs.get(key)
+    return getattr(outputs, key, None)
+
+
+def batch_size_of(batch: Batch) -> int | None:
+    """The leading dimension of the first tensor in ``batch``."""
+    for value in _tensors(batch):
+        return value.shape[0] if value.dim() > 0 else None
+    return None
+
+
+def slice_batch(batch: Batch, size: int) -> Batch:
+    """The first ``size`` examples of a batch: every tensor whose leading dimension is the batch size is cut."""
+    full = batch_size_of(batch)
+    if full is None or size >= full:
+        return batch
+
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == full:
+            return value[:size]
+        return value
+
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(v) for v in batch)
+    return cut(batch)
+
+
+def move_batch(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with every tensor on ``device`` (a restored meta batch may sit on the CPU)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def _tensors(batch: Batch) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, (tuple, list)):
+        for value in batch:
+            yield from _tensors(value)
+
+
+def kl_divergence(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p ‖ q) = Σ_v p (log p − log q), p = softmax(target_logits), q = softmax(logits).
+
+    Both log-softmaxes run in ``promote_types(dtype, float32)``: float32 under bf16/fp16 autocast and float64
+    in a float64 test (a bare ``.float()`` would cap a float64 finite-difference check near 1e-2).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    target_log_probs = target_logits.detach().to(dtype).log_softmax(dim=-1)
+    log_probs = logits.to(dtype).log_softmax(dim=-1)
+    per_row = (target_log_probs.exp() * (target_log_probs - log_probs)).sum(dim=-1)
+    return per_row.mean()
+
+
+def squared_error_divergence(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """½‖f(x; θ′) − f(x; θ)‖² per example, averaged: the Gaussian KL up to a constant (regression outputs)."""
+    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    diff = prediction.to(dtype) - target.detach().to(dtype)
+    return 0.5 * diff.reshape(diff.shape[0], -1).pow(2).sum(dim=1).mean()
+
+
+@dataclass
+class MetaStepResult:
+    """What one evaluation of the meta-objective produced."""
+
+    objective: torch.Tensor  # Q without the weight-space term (the optimizer adds it), detached
+    lookahead_grads: list[torch.Tensor | None]  # v = ∇_{θ′}(L_B + λ_FSD · D), one entry per parameter
+
+
+class ProximalObjective:
+    """Q(θ′) = L_B(θ′) + λ_FSD · D(f(θ) ‖ f(θ′)) on B′ (+ λ_WSD/2 · ‖θ′ − θ‖², added by the optimizer).
+
+    Args:
+        model: the module whose parameters the optimizer updates (unwrapped: not the DDP wrapper).
+        lambda_fsd: weight of the function-space distance, in nats per target token for ``"kl"``.
+        lambda_wsd: weight of the weight-space distance ½‖θ′ − θ‖².
+        divergence: ``"kl"`` over output distributions (``logits``; for token outputs averaged over the
+            real target tokens, ``labels == -100`` masked), ``"squared_error"`` for regression outputs, or a
+            callable ``(outputs_theta, outputs_lookahead, meta_batch) -> scalar``.
+        forward: ``(model, batch) -> outputs`` with ``loss`` and ``logits`` (attribute or key). Defaults to
+            ``model(**batch)``, the Hugging Face convention.
+        label_shift: 1 for causal language models, whose logits at position t predict label t + 1; 0 for
+            encoder-decoder and classification models.
+        output_key: where the output distribution lives in ``outputs`` (``"logits"``).
+
+    The meta forwards run in eval mode (dropout off, so D(f(θ) ‖ f(θ)) = 0 and finite differences agree);
+    the caller's mode is restored afterwards.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lambda_fsd: float = 10.0,
+        lambda_wsd: float = 0.0,
+        divergence: str | DivergenceFn = "kl",
+        forward: ForwardFn | None = None,
+        label_shift: int = 0,
+        output_key: str = "logits",
+    ):
+        if lambda_fsd < 0:
+            raise ValueError(f"lambda_fsd must be >= 0, got {lambda_fsd}.")
+        if lambda_wsd < 0:
+            raise ValueError(f"lambda_wsd must be >= 0, got {lambda_wsd}.")
+        if isinstance(divergence, str) and divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES} or a callable, got {divergence!r}.")
+        if label_shift not in (0, 1):
+            raise ValueError(f"label_shift must be 0 or 1, got {label_shift}.")
+        if lambda_fsd == 0 and lambda_wsd == 0:
+            warnings.warn(
+                "APO with lambda_fsd = lambda_wsd = 0: the meta-objective is then the loss on the same batch that "
+                "produced the gradient, which rewards far too large a step; expect the learned learning rate to "
+                "run away. Set lambda_fsd > 0 (e.g. 10) or lambda_wsd > 0.",
+                stacklevel=2,
+            )
+        self.model = model
+        self.lambda_fsd = float(lambda_fsd)
+        self.lambda_wsd = float(lambda_wsd)
+        self.divergence = divergence
+        self.forward = forward or default_forward
+        self.label_shift = label_shift
+        self.output_key = output_key
+
+    @property
+    def uses_meta_batch(self) -> bool:
+        return self.lambda_fsd > 0
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def _token_mask(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """Boolean mask of the logit rows that predict a real target token (None: every row counts)."""
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if logits.dim() < 3 or labels is None:
+            return None
+        if self.label_shift:
+            labels = labels[:, self.label_shift :]
+            return torch.nn.functional.pad(labels != -100, (0, self.label_shift), value=False)
+        return labels != -100
+
+    def _distribution(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        """The rows of the output distribution that D compares: (N, V) logits of real tokens, or the outputs."""
+        logits = get_output(outputs, self.output_key)
+        if logits is None:
+            raise ValueError(
+                f"APO's function-space term needs the model output {self.output_key!r}, which this model does not "
+                "return. Pass a divergence callable, or set lambda_fsd = 0."
+            )
+        if self.divergence != "kl":
+            return logits
+        mask = self._token_mask(logits, batch)
+        if mask is None:
+            return logits.reshape(-1, logits.shape[-1])
+        return logits[mask]
+
+    def _divergence(self, target: Any, outputs: Any, batch: Batch) -> torch.Tensor:
+        if callable(self.divergence):
+            return self.divergence(target, outputs, batch)
+        prediction = self._distribution(outputs, batch)
+        if self.divergence == "kl":
+            return kl_divergence(target, prediction)
+        return squared_error_divergence(target, prediction)
+
+    @torch.no_grad()
+    def target(self, meta_batch: Batch) -> Any:
+        """f(B′; θ): the detached distribution D compares against, computed before the step is taken."""
+        if not self.uses_meta_batch:
+            return None
+        with self._eval_mode():
+            outputs = self.forward(self.model, meta_batch)
+        if callable(self.divergence):
+            return outputs
+        return self._distribution(outputs, meta_batch).detach()
+
+    def lookahead_gradient(
+        self, params: Sequence[torch.Tensor], batch: Batch, meta_batch: Batch | None, target: Any
+    ) -> MetaStepResult:
+        """Q_partial = L_B(θ′) + λ_FSD · D and v = ∇_{θ′} Q_partial, with the model's parameters at θ′.
+
+        Gradients come from ``torch.autograd.grad`` so the ``.grad`` of the real step is left untouched (and DDP
+        reduces nothing: the optimizer all-reduces the small meta-gradient itself).
+        """
+        with torch.enable_grad(), self._eval_mode():
+            loss = self._loss(self.forward(self.model, batch))
+            objective = loss
+            if self.uses_meta_batch:
+                outputs = self.forward(self.model, meta_batch)
+                objective = objective + self.lambda_fsd * self._divergence(target, outputs, meta_batch)
+            grads = torch.autograd.grad(objective, list(params), allow_unused=True)
+        return MetaStepResult(objective=objective.detach(), lookahead_grads=list(grads))
+
+    def _loss(self, outputs: Any) -> torch.Tensor:
+        loss = get_output(outputs, "loss")
+        if loss is None:
+            raise ValueError(
+                "APO's meta-objective needs the training loss: the forward must return `loss` (pass `labels` in "
+                "the batch, or give ProximalObjective a `forward` that returns it)."
+            )
+        return loss
