@@ -1,0 +1,132 @@
+"""Training arguments with APO: ``--apo {none,lr,precond}`` and the ``--apo_*`` flags.
+
+Every field carries ``metadata={"help": ...}`` so ``HfArgumentParser`` prints real help, and a bad value raises a
+``ValueError`` naming the flag and the fix in ``__post_init__``, before a model is built or anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+APO_MODES = ("none", "lr", "precond")
+# --optim values whose torch optimizer APO-LR can wrap (its step must be linear in the learning rate).
+APO_LR_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "rmsprop")
+DEFAULT_META_LR = {"lr": 0.1, "precond": 1e-2}
+
+
+@dataclass
+class APOArgumentsMixin:
+    """The APO fields, shared by :class:`APOTrainingArguments` and :class:`APOSeq2SeqTrainingArguments`."""
+
+    apo: str = field(
+        default="none",
+        metadata={
+            "help": "Amortized Proximal Optimization: 'none' (the parent Trainer, unchanged), 'lr' (meta-learn the "
+            "learning rate of --optim: adamw_torch, adamw_torch_fused, sgd or rmsprop) or 'precond' (meta-learn a "
+            "per-layer Kronecker preconditioner over --optim sgd).",
+            "choices": list(APO_MODES),
+        },
+    )
+    apo_meta_interval: int = field(
+        default=10, metadata={"help": "Take a meta step every this many optimizer steps (K). Must be >= 1."}
+    )
+    apo_meta_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adam learning rate of the meta-parameters; 0 switches meta-learning off. Default: 0.1 for "
+            "--apo lr (the LR moves about this much in log space per meta step), 0.01 for --apo precond."
+        },
+    )
+    apo_lambda_fsd: float = field(
+        default=10.0,
+        metadata={
+            "help": "Weight of the function-space proximity term: KL between the model's output distributions before "
+            "and after the step, in nats per target token. Must be >= 0."
+        },
+    )
+    apo_lambda_wsd: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the weight-space proximity term (1/2)||theta' - theta||^2. Must be >= 0."},
+    )
+    apo_meta_batch_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "The meta batch B' (for the KL term) is this fraction of the previous training micro-batch. "
+            "Smaller is cheaper. In (0, 1]."
+        },
+    )
+    apo_lr_clamp: float = field(
+        default=10.0,
+        metadata={"help": "--apo lr: the log learning-rate multiplier is clamped to [-c, c] (a numerical guard). > 0."},
+    )
+    apo_max_factor_dim: int = field(
+        default=1024,
+        metadata={
+            "help": "--apo precond: a weight side longer than this gets a diagonal factor instead of a dense one "
+            "(vocabulary-sized embeddings always do). >= 1."
+        },
+    )
+
+    def __post_init__(self):
+        self._validate_apo_fields()
+        super().__post_init__()
+        self._validate_apo_with_parent()
+
+    @property
+    def apo_effective_meta_lr(self) -> float:
+        if self.apo_meta_lr is not None:
+            return self.apo_meta_lr
+        return DEFAULT_META_LR.get(self.apo, 0.0)
+
+    def _validate_apo_fields(self) -> None:
+        if self.apo not in APO_MODES:
+            raise ValueError(f"--apo must be one of {', '.join(APO_MODES)}; got {self.apo!r}.")
+        if not isinstance(self.apo_meta_interval, int) or self.apo_meta_interval < 1:
+            raise ValueError(
+                f"--apo_meta_interval must be an integer >= 1 (a meta step every K optimizer steps); "
+                f"got {self.apo_meta_interval!r}."
+            )
+        if self.apo_meta_lr is not None and not self.apo_meta_lr >= 0:
+            raise ValueError(f"--apo_meta_lr must be >= 0 (0 switches meta-learning off); got {self.apo_meta_lr!r}.")
+        for flag in ("apo_lambda_fsd", "apo_lambda_wsd"):
+            value = getattr(self, flag)
+            if not value >= 0:
+                raise ValueError(f"--{flag} must be >= 0; got {value!r}. Use 0 to drop that proximity term.")
+        if not 0 < self.apo_meta_batch_fraction <= 1:
+            raise ValueError(f"--apo_meta_batch_fraction must be in (0, 1]; got {self.apo_meta_batch_fraction!r}.")
+        if not self.apo_lr_clamp > 0:
+            raise ValueError(f"--apo_lr_clamp must be > 0; got {self.apo_lr_clamp!r}.")
+        if not isinstance(self.apo_max_factor_dim, int) or self.apo_max_factor_dim < 1:
+            raise ValueError(f"--apo_max_factor_dim must be an integer >= 1; got {self.apo_max_factor_dim!r}.")
+
+    def _validate_apo_with_parent(self) -> None:
+        if self.apo == "none":
+            return
+        optim = OptimizerNames(self.optim).value
+        if self.apo == "lr" and optim not in APO_LR_OPTIMS:
+            raise ValueError(
+                f"--apo lr wraps a torch optimizer whose step is linear in the learning rate; --optim {optim} is not "
+                f"supported. Use --optim one of: {', '.join(APO_LR_OPTIMS)}."
+            )
+        if self.apo == "precond" and optim != "sgd":
+            raise ValueError(
+                f"--apo precond preconditions SGD, but --optim is {optim}. Pass --optim sgd (add --optim_args "
+                "'momentum=0.9' for momentum; none is added for you)."
+            )
+        if self.deepspeed:
+            raise ValueError("--apo does not support DeepSpeed yet (it replaces the optimizer). Drop --deepspeed or use --apo none.")
+        if self.fsdp:
+            raise ValueError("--apo does not support FSDP yet (it shards the optimizer). Drop --fsdp or use --apo none.")
+
+
+@dataclass
+class APOTrainingArguments(APOArgumentsMixin, TrainingArguments):
+    """``TrainingArguments`` plus ``--apo`` and the ``--apo_*`` flags."""
+
+
+@dataclass
+class APOSeq2SeqTrainingArguments(APOArgumentsMixin, Seq2SeqTrainingArguments):
+    """``Seq2SeqTrainingArguments`` plus ``--apo`` and the ``--apo_*`` flags."""
