@@ -71,9 +71,10 @@ class APOArgumentsMixin:
     )
 
     def __post_init__(self):
+        # Before the parent's checks: a DeepSpeed config would otherwise be loaded (and need deepspeed) first.
         self._validate_apo_fields()
-        super().__post_init__()
         self._validate_apo_with_parent()
+        super().__post_init__()
 
     @property
     def apo_effective_meta_lr(self) -> float:
@@ -105,7 +106,10 @@ class APOArgumentsMixin:
     def _validate_apo_with_parent(self) -> None:
         if self.apo == "none":
             return
-        optim = OptimizerNames(self.optim).value
+        try:
+            optim = OptimizerNames(self.optim).value
+        except ValueError:
+            optim = str(self.optim)
         if self.apo == "lr" and optim not in APO_LR_OPTIMS:
             raise ValueError(
                 f"--apo lr wraps a torch optimizer whose step is linear in the learning rate; --optim {optim} is not "

@@ -1,0 +1,37 @@
+"""Running tests/scripts/train_tiny.py in fresh processes (plain, torchrun, killed and resumed)."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_tiny.py")
+COMMON = [
+    "--use_cpu", "--report_to", "none", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+    "--logging_steps", "2", "--seed", "0", "--data_seed", "0", "--disable_tqdm", "true",
+]
+
+
+def environment():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def train(output_dir, *args, processes=1, check=True):
+    if processes == 1:
+        command = [sys.executable, SCRIPT]
+    else:
+        # --standalone: a local rendezvous on a free port (two test runs never collide)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                   SCRIPT]
+    command += ["--output_dir", str(output_dir), *COMMON, *map(str, args)]
+    completed = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=180)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{completed.stderr[-4000:]}")
+    return completed
+
+
+def result(output_dir, rank=0):
+    return torch.load(os.path.join(output_dir, f"final_rank{rank}.pt"), weights_only=False)
