@@ -1,0 +1,258 @@
+"""APOTrainer / APOSeq2SeqTrainer on tiny models built from configs (no Hub)."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+)
+
+from hf_apo import APOLR, APOPrecond, APOSeq2SeqTrainer, APOSeq2SeqTrainingArguments, APOTrainer, APOTrainingArguments
+from tiny import VOCAB, CopyDataset, tiny_t5
+
+
+def arguments(output_dir, cls=APOSeq2SeqTrainingArguments, **overrides):
+    defaults = dict(
+        output_dir=str(output_dir), use_cpu=True, report_to=[], per_device_train_batch_size=8, max_steps=20,
+        logging_steps=5, save_strategy="no", seed=0, data_seed=0, disable_tqdm=True, learning_rate=1e-3,
+        lr_scheduler_type="constant",
+    )
+    return cls(**{**defaults, **overrides})
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def apo_logs(trainer):
+    return [h for h in trainer.state.log_history if "apo/meta_steps" in h]
+
+
+@pytest.mark.parametrize(
+    "apo, optim",
+    [("lr", {"optim": "adamw_torch"}), ("lr", {"optim": "sgd", "optim_args": "momentum=0.9"}),
+     ("lr", {"optim": "rmsprop"}), ("precond", {"optim": "sgd", "optim_args": "momentum=0.9"})],
+)
+def test_meta_lr_zero_equals_parent_trainer(tmp_path, apo, optim):
+    parent = Seq2SeqTrainer(
+        model=tiny_t5(), args=arguments(tmp_path / "p", cls=Seq2SeqTrainingArguments, weight_decay=0.1, **optim),
+        train_dataset=CopyDataset(),
+    )
+    parent.train()
+    trainer = APOSeq2SeqTrainer(
+        model=tiny_t5(), args=arguments(tmp_path / "a", apo=apo, apo_meta_lr=0.0, weight_decay=0.1, **optim),
+        train_dataset=CopyDataset(),
+    )
+    trainer.train()
+    assert isinstance(trainer.apo_optimizer, APOLR if apo == "lr" else APOPrecond)
+    assert losses(trainer) == losses(parent)
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), parent.model.parameters()))
+    # The Trainer's weight-decay groups survive the wrapping.
+    assert [g["weight_decay"] for g in trainer.apo_optimizer.param_groups] == [0.1, 0.0]
+
+
+def test_apo_none_is_the_parent_trainer(tmp_path):
+    trainer = APOSeq2SeqTrainer(model=tiny_t5(), args=arguments(tmp_path), train_dataset=CopyDataset())
+    trainer.train()
+    assert trainer.apo_optimizer is None
+    assert not any(key.startswith("apo/") for h in trainer.state.log_history for key in h)
+
+
+def test_apo_lr_rescues_a_tiny_learning_rate(tmp_path):
+    common = dict(learning_rate=1e-5, max_steps=60, per_device_train_batch_size=16)
+    plain = APOSeq2SeqTrainer(model=tiny_t5(), args=arguments(tmp_path / "p", **common), train_dataset=CopyDataset())
+    plain.train()
+    apo = APOSeq2SeqTrainer(
+        model=tiny_t5(),
+        args=arguments(tmp_path / "a", apo="lr", apo_meta_interval=2, apo_meta_lr=0.3, **common),
+        train_dataset=CopyDataset(),
+    )
+    apo.train()
+    logs = apo_logs(apo)
+    multipliers = [h["apo/lr_multiplier"] for h in logs]
+    assert multipliers[0] > 1 and max(multipliers) > 20
+    assert logs[-1]["apo/meta_steps"] == 30 and logs[-1]["apo/skipped_meta_steps"] == 0
+    assert losses(apo)[-1] < losses(plain)[-1] - 0.3
+
+
+def test_precond_bf16_is_finite_improving_and_float32(tmp_path):
+    trainer = APOSeq2SeqTrainer(
+        model=tiny_t5(),
+        args=arguments(
+            tmp_path, apo="precond", optim="sgd", optim_args="momentum=0.9", learning_rate=0.1, bf16=True,
+            max_steps=40, apo_meta_interval=2,
+        ),
+        train_dataset=CopyDataset(),
+    )
+    trainer.train()
+    history = losses(trainer)
+    assert all(torch.isfinite(torch.tensor(history)))
+    assert history[-1] < history[0] - 0.3
+    optimizer = trainer.apo_optimizer
+    assert optimizer.meta_steps == 20 and optimizer.skipped_meta_steps == 0
+    assert all(t.dtype == torch.float32 for f in optimizer.factors.values() for t in f.tensors)
+    assert apo_logs(trainer)[-1]["apo/left_trace_mean"] != 1.0
+
+
+def test_meta_steps_run_on_sync_steps_only_under_gradient_accumulation(tmp_path):
+    trainer = APOSeq2SeqTrainer(
+        model=tiny_t5(),
+        args=arguments(tmp_path, apo="lr", apo_meta_interval=1, gradient_accumulation_steps=3, max_steps=4,
+                       per_device_train_batch_size=4, logging_steps=1),
+        train_dataset=CopyDataset(),
+    )
+    seen = []
+    optimizer_observe = None
+
+    def record(batch):
+        seen.append(batch["input_ids"].clone())
+        optimizer_observe(batch)
+
+    trainer.create_optimizer()
+    optimizer_observe = trainer.apo_optimizer.observe
+    trainer.apo_optimizer.observe = record
+    trainer.train()
+    assert len(seen) == 12  # every micro-batch observed
+    assert trainer.apo_optimizer.meta_steps == 4  # one meta step per optimizer step, not per micro-batch
+    # B′ of the last meta step was the second-to-last micro-batch of the window, B the last one.
+    batch, meta_batch = trainer.apo_optimizer._meta_batches()
+    assert torch.equal(batch["input_ids"], seen[-1])
+    assert torch.equal(meta_batch["input_ids"], seen[-2][:1])  # 25% of 4 examples
+
+
+class LossOnly(nn.Module):
+    """A model whose output has a loss but no logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, 4)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return {"loss": self.embedding(input_ids).pow(2).mean()}
+
+
+def test_refuses_model_without_logits_before_first_step(tmp_path):
+    model = LossOnly()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = APOTrainer(
+        model=model, args=arguments(tmp_path, cls=APOTrainingArguments, apo="lr", save_strategy="steps", save_steps=1),
+        train_dataset=CopyDataset(),
+    )
+    with pytest.raises(ValueError, match="--apo_lambda_fsd"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert not any(name.startswith("checkpoint") for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "overrides, flag",
+    [
+        ({"apo": "lr", "optim": "adafactor"}, "--optim"),
+        ({"apo": "precond"}, "--optim sgd"),
+        ({"apo": "lr", "apo_lambda_fsd": -1.0}, "--apo_lambda_fsd"),
+        ({"apo": "lr", "apo_lambda_wsd": -0.1}, "--apo_lambda_wsd"),
+        ({"apo": "lr", "apo_meta_interval": 0}, "--apo_meta_interval"),
+        ({"apo": "lr", "apo_meta_lr": -1.0}, "--apo_meta_lr"),
+        ({"apo": "lr", "apo_meta_batch_fraction": 0.0}, "--apo_meta_batch_fraction"),
+        ({"apo": "adam"}, "--apo"),
+        ({"apo": "lr", "deepspeed": "ds_config.json"}, "DeepSpeed"),
+        ({"apo": "lr", "fsdp": "full_shard"}, "FSDP"),
+    ],
+)
+def test_bad_configuration_is_refused_naming_the_flag(tmp_path, overrides, flag):
+    with pytest.raises(ValueError, match=flag):
+        arguments(tmp_path, **overrides)
+
+
+def test_user_optimizer_with_apo_is_refused(tmp_path):
+    model = tiny_t5()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="optimizers="):
+        APOSeq2SeqTrainer(model=model, args=arguments(tmp_path, apo="lr"), train_dataset=CopyDataset(),
+                          optimizers=(optimizer, None))
+
+
+def test_help_lists_apo_flags():
+    parser = HfArgumentParser(APOSeq2SeqTrainingArguments)
+    text = parser.format_help()
+    for flag in ("--apo {none,lr,precond}", "--apo_meta_interval", "--apo_meta_lr", "--apo_lambda_fsd",
+                 "--apo_lambda_wsd", "--apo_meta_batch_fraction", "--apo_lr_clamp", "--apo_max_factor_dim"):
+        assert flag in text
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "lr", "--apo_lambda_fsd", "3"])
+    assert args.apo == "lr" and args.apo_lambda_fsd == 3.0 and args.apo_effective_meta_lr == 0.1
+
+
+def test_predict_with_generate_is_untouched(tmp_path):
+    dataset = CopyDataset(size=8)
+    common = dict(predict_with_generate=True, generation_max_length=8, per_device_eval_batch_size=4)
+    parent = Seq2SeqTrainer(model=tiny_t5(), args=arguments(tmp_path / "p", cls=Seq2SeqTrainingArguments, **common))
+    apo = APOSeq2SeqTrainer(model=tiny_t5(), args=arguments(tmp_path / "a", apo="lr", **common))
+    expected, got = parent.predict(dataset), apo.predict(dataset)
+    assert (expected.predictions == got.predictions).all()
+    assert expected.metrics["test_loss"] == got.metrics["test_loss"]
+
+
+def _classification_dataset():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, VOCAB, (32, 6), generator=generator)
+    labels = (tokens[:, 0] > VOCAB // 2).long()
+    return [{"input_ids": t, "attention_mask": torch.ones_like(t), "labels": l} for t, l in zip(tokens, labels)]
+
+
+def _causal_dataset():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, VOCAB, (32, 6), generator=generator)
+    return [{"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t.clone()} for t in tokens]
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "classifier"])
+def test_apo_lr_trains_causal_lm_and_classifier(tmp_path, kind):
+    torch.manual_seed(0)
+    if kind == "causal_lm":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+        dataset = _causal_dataset()
+    else:
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, num_labels=2,
+        ))
+        dataset = _classification_dataset()
+    trainer = APOTrainer(
+        model=model, args=arguments(tmp_path, cls=APOTrainingArguments, apo="lr", apo_meta_interval=2, max_steps=10),
+        train_dataset=dataset,
+    )
+    trainer.train()
+    objective = trainer.apo_optimizer.objective
+    assert objective.label_shift == (1 if kind == "causal_lm" else 0)
+    assert trainer.apo_optimizer.meta_steps == 5 and trainer.apo_optimizer.skipped_meta_steps == 0
+    assert apo_logs(trainer)[-1]["apo/lr_multiplier"] != 1.0
+
+
+def test_fp16_overflow_skips_the_meta_step_too():
+    """An fp16 GradScaler that finds inf skips optimizer.step(), and with it the meta step."""
+    from tiny import MLP, mlp_batch
+    from hf_apo import ProximalObjective
+
+    model = MLP()
+    optimizer = APOLR(model.parameters(), ProximalObjective(model), base="adamw", lr=1e-3, meta_interval=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        batch = mlp_batch(generator)
+        scaler.scale(model(**batch)["loss"]).backward()
+        if step == 1:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        optimizer.observe(batch)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert optimizer.step_count == 3 and optimizer.meta_steps == 3
