@@ -127,18 +127,11 @@ class APOLR(MetaLearnedOptimizer):
             for group, lr in zip(self.param_groups, scheduled):
                 group["lr"] = lr
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.step_count += 1
-        if self._meta_step_due():
-            self._meta_step()
+    def _update(self, meta_step_due: bool) -> None:
+        if meta_step_due:
+            self._meta_step()  # takes the base step itself, as the look-ahead
         else:
             self._base_step(self._multipliers)
-        return loss
 
     def _meta_step(self) -> None:
         batch, meta_batch = self._meta_batches()

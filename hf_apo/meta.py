@@ -98,6 +98,20 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
             and self.step_count % self.meta_interval == 0
         )
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step; every ``meta_interval``-th one is preceded by a meta step on the observed batches."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.step_count += 1
+        self._update(self._meta_step_due())
+        return loss
+
+    def _update(self, meta_step_due: bool) -> None:
+        raise NotImplementedError
+
     # -- guard and reduction ------------------------------------------------------------------------------
     def _reduce_and_check(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> bool:
         """All-reduces [meta-gradient, Q] (mean over ranks) in place; False, with a warning, if any is non-finite.

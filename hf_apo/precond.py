@@ -133,14 +133,8 @@ class APOPrecond(MetaLearnedOptimizer):
     def _params_with_grad(self, group) -> list[torch.Tensor]:
         return [p for p in group["params"] if p.grad is not None]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.step_count += 1
-        if self._meta_step_due():
+    def _update(self, meta_step_due: bool) -> None:
+        if meta_step_due:
             self.meta_update()
         for group in self.param_groups:
             params = self._params_with_grad(group)
@@ -150,7 +144,6 @@ class APOPrecond(MetaLearnedOptimizer):
                 preconditioned = [self.factors[p].precondition(p.grad) for p in params]
             directions = self._direction(group, params, preconditioned, update_buffers=True)
             torch._foreach_add_(params, directions, alpha=-group["lr"])
-        return loss
 
     # -- the meta step --------------------------------------------------------------------------------------
     @torch.no_grad()

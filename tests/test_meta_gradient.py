@@ -70,6 +70,20 @@ def set_grads(model, batch):
     forward_outputs(model, batch)["loss"].backward()
 
 
+def prepare_meta_step(model, optimizer, batches):
+    """Two plain steps (so moments and momentum buffers are non-trivial), then gradients for the meta step 3.
+
+    Returns (B′, B) as the optimizer will see them: B′ is batch 1 (before its cut), B is batch 2.
+    """
+    for batch in batches[:2]:
+        set_grads(model, batch)
+        optimizer.observe(batch)
+        optimizer.step()
+    set_grads(model, batches[2])
+    optimizer.observe(batches[2])
+    return batches[1], batches[2]
+
+
 def two_groups(model):
     params = list(model.parameters())
     return [{"params": params[::2], "lr": 0.05}, {"params": params[1::2], "lr": 0.02}]
@@ -92,14 +106,7 @@ def test_apo_lr_meta_gradient_matches_finite_differences(kind, base_name):
     base = base_cls(two_groups(model), **base_kwargs)
     objective = ProximalObjective(model, lambda_fsd=LAMBDA_FSD, lambda_wsd=LAMBDA_WSD)
     optimizer = APOLR(base, objective, meta_interval=3, meta_lr=0.05, meta_batch_fraction=0.5)
-    # Two plain steps so the base state (moments, momentum buffers) is non-trivial, then a meta step.
-    for batch in batches[:2]:
-        set_grads(model, batch)
-        optimizer.observe(batch)
-        optimizer.step()
-    meta_batch, batch = batches[1], batches[2]
-    set_grads(model, batch)
-    optimizer.observe(batch)
+    meta_batch, batch = prepare_meta_step(model, optimizer, batches)
 
     model_theta = copy.deepcopy(model)
     base_state = copy.deepcopy(base.state_dict())
@@ -173,13 +180,7 @@ def test_apo_precond_meta_gradient_matches_finite_differences(kind, sgd):
     if kind == "bart":
         assert "diagxdense" in kinds
 
-    for batch in batches[:2]:
-        set_grads(model, batch)
-        optimizer.observe(batch)
-        optimizer.step()
-    meta_batch, batch = batches[1], batches[2]
-    set_grads(model, batch)
-    optimizer.observe(batch)
+    meta_batch, batch = prepare_meta_step(model, optimizer, batches)
 
     model_theta = copy.deepcopy(model)
     grads = [p.grad.clone() for p in params]
