@@ -24,6 +24,10 @@ buffers) does not depend on η, so the look-ahead *is* the real step with the cu
 
 With meta-learning off (``meta_lr = 0``) ``step()`` is the wrapped optimizer's step, bit for bit, and its
 foreach/fused kernels are used.
+
+Memory: a meta step needs one extra copy of the parameters (θ, turned into Δ in place). v = ∇_{θ′}Q is
+accumulated into the ``.grad`` buffers, whose g the base step has already consumed: after a meta step's
+``step()``, ``.grad`` holds ⟨Δ, v⟩ products rather than g (zero them as usual before the next backward).
 """
 
 from __future__ import annotations
@@ -143,25 +147,24 @@ class APOLR(MetaLearnedOptimizer):
         self._base_step(self._multipliers)  # θ′ = θ + Δ(φ)
         torch._foreach_sub_(deltas, [p.detach() for p in params])
         torch._foreach_neg_(deltas)  # Δ = θ′ − θ, in place of the copy of θ
-        result = self.objective.lookahead_gradient(params, batch, meta_batch, target)
+        # g has been used by the base step: v goes into the .grad buffers (no further copy of the parameters).
+        result = self.objective.lookahead_gradient(params, batch, meta_batch, target, into_grad=True)
 
         dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
         device = params[0].device if params else torch.device("cpu")
-        meta_grad = torch.zeros(len(groups), dtype=dtype, device=device)
+        # ⟨Δ, v⟩ per parameter, computed in place in the .grad buffers and summed in at least float32.
+        products = list(result.lookahead_grads)
+        torch._foreach_mul_(products, deltas)
+        per_param = [t.sum(dtype=dtype) for t in products]
         wsd = self.objective.lambda_wsd
         objective = result.objective.to(dtype)
-        index = 0
-        for group_index, group in enumerate(groups):
-            for _ in group:
-                delta, v = deltas[index], result.lookahead_grads[index]
-                delta = delta.to(dtype)
-                if v is not None:
-                    meta_grad[group_index] += (delta * v.to(dtype)).sum()
-                if wsd:
-                    squared = delta.pow(2).sum()
-                    meta_grad[group_index] += wsd * squared
-                    objective = objective + 0.5 * wsd * squared
-                index += 1
+        if wsd:
+            squared = [n.square() for n in torch._foreach_norm(deltas, 2, dtype=dtype)]
+            per_param = [dot + wsd * sq for dot, sq in zip(per_param, squared)]
+            objective = objective + 0.5 * wsd * torch.stack(squared).sum()
+        sizes = [len(group) for group in groups]
+        meta_grad = torch.stack([torch.stack(chunk).sum() if chunk else torch.zeros((), dtype=dtype, device=device)
+                                 for chunk in _split(per_param, sizes)])
         self.last_meta_gradient = meta_grad.detach().cpu()
         if not self._reduce_and_check(meta_grad, objective):
             return
@@ -216,3 +219,12 @@ class APOLR(MetaLearnedOptimizer):
                 metrics[f"apo/lr_multiplier_group{index}"] = multiplier
         metrics["apo/learning_rate"] = self.param_groups[0]["lr"] * multipliers[0]
         return metrics
+
+
+def _split(items: list, sizes: list[int]) -> list[list]:
+    """``items`` cut into consecutive chunks of the given sizes."""
+    chunks, start = [], 0
+    for size in sizes:
+        chunks.append(items[start:start + size])
+        start += size
+    return chunks

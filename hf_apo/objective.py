@@ -235,20 +235,42 @@ class ProximalObjective:
         return self._distribution(outputs, meta_batch).detach()
 
     def lookahead_gradient(
-        self, params: Sequence[torch.Tensor], batch: Batch, meta_batch: Batch | None, target: Any
+        self,
+        params: Sequence[torch.Tensor],
+        batch: Batch,
+        meta_batch: Batch | None,
+        target: Any,
+        into_grad: bool = False,
     ) -> MetaStepResult:
         """Q_partial = L_B(θ′) + λ_FSD · D and v = ∇_{θ′} Q_partial, with the model's parameters at θ′.
 
-        Gradients come from ``torch.autograd.grad`` so the ``.grad`` of the real step is left untouched (and DDP
-        reduces nothing: the optimizer all-reduces the small meta-gradient itself).
+        By default the gradients come from ``torch.autograd.grad``, so the ``.grad`` of the real step is left
+        untouched. With ``into_grad=True`` (for a caller that has already used g) v is accumulated into the
+        parameters' ``.grad`` buffers instead, which saves a copy of the parameters; and B and B′ are then
+        back-propagated one after the other, so only one of their activation graphs is alive at a time.
+        Either way DDP reduces nothing: the optimizer all-reduces its small meta-gradient itself.
         """
+        params = list(params)
         with torch.enable_grad(), self._eval_mode():
+            if into_grad:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.zero_()
+                loss = self._loss(self.forward(self.model, batch))
+                loss.backward(inputs=params)
+                objective = loss.detach()
+                if self.uses_meta_batch:
+                    outputs = self.forward(self.model, meta_batch)
+                    fsd = self.lambda_fsd * self._divergence(target, outputs, meta_batch)
+                    fsd.backward(inputs=params)
+                    objective = objective + fsd.detach()
+                return MetaStepResult(objective=objective, lookahead_grads=[p.grad for p in params])
             loss = self._loss(self.forward(self.model, batch))
             objective = loss
             if self.uses_meta_batch:
                 outputs = self.forward(self.model, meta_batch)
                 objective = objective + self.lambda_fsd * self._divergence(target, outputs, meta_batch)
-            grads = torch.autograd.grad(objective, list(params), allow_unused=True)
+            grads = torch.autograd.grad(objective, params, allow_unused=True)
         return MetaStepResult(objective=objective.detach(), lookahead_grads=list(grads))
 
     def _loss(self, outputs: Any) -> torch.Tensor:
