@@ -65,8 +65,8 @@ class APOArgumentsMixin:
     apo_max_factor_dim: int = field(
         default=1024,
         metadata={
-            "help": "--apo precond: a weight side longer than this gets a diagonal factor instead of a dense one "
-            "(vocabulary-sized embeddings always do). >= 1."
+            "help": "--apo precond: a weight side longer than this, or than the weight's other side, gets a diagonal "
+            "factor instead of a dense one (the vocabulary side of embeddings always does). >= 1."
         },
     )
 

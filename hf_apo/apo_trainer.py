@@ -77,7 +77,12 @@ class APOTrainerMixin:
         if args.apo == "lr":
             self.optimizer = APOLR(base, objective, log_lr_range=(-args.apo_lr_clamp, args.apo_lr_clamp), **meta)
         else:
-            self.optimizer = APOPrecond.from_sgd(base, objective, max_factor_dim=args.apo_max_factor_dim, **meta)
+            embeddings = [m.weight for m in (opt_model.get_input_embeddings(), opt_model.get_output_embeddings())
+                          if m is not None and getattr(m, "weight", None) is not None] \
+                if hasattr(opt_model, "get_input_embeddings") else []
+            self.optimizer = APOPrecond.from_sgd(
+                base, objective, max_factor_dim=args.apo_max_factor_dim, diagonal_row_params=embeddings, **meta
+            )
         return self.optimizer
 
     @property

@@ -4,9 +4,13 @@ For a weight W of shape (out, in, ...) viewed as a matrix (out, in·...) with gr
 
     P(G) = L · G · R,   L = A Aᵀ (out × out),   R = B Bᵀ (in × in),
 
-positive semi-definite by construction and equal to the identity at the start (A = B = I). A side longer than
-``max_factor_dim`` (vocabulary-sized embeddings and LM heads) is diagonal instead: L = diag(a²). A parameter with
-fewer than two dimensions (bias, norm scale) gets a learned scalar: P(g) = s² · g.
+positive semi-definite by construction and equal to the identity at the start (A = B = I). Only the shorter side
+of a weight is dense (both sides of a square one; any side of at most 64, where a dense factor costs next to
+nothing), and only up to ``max_factor_dim``; the other side, and the
+vocabulary side of embeddings and LM heads, is diagonal: L = diag(a²). A dense side of length d costs d² factor
+entries (plus d² for the cached product and 2·d² for meta-Adam), so the factor entries of a Transformer stay about
+its parameter count: 2× for a square d × d weight, ¼× for a d × 4d FFN weight. A parameter with fewer than two
+dimensions (bias, norm scale) gets a learned scalar: P(g) = s² · g.
 
 No inverse and no eigendecomposition appear, so the factors are stable in bf16 models; they are kept in
 ``promote_types(param.dtype, float32)``: float32 for bf16/fp16/fp32 models, float64 for float64 ones. L and R are
@@ -18,6 +22,14 @@ from __future__ import annotations
 import torch
 
 
+SMALL_SIDE = 64  # a dense factor this small costs next to nothing, whatever the other side
+
+
+def _dense(side: int, other_side: int, max_factor_dim: int) -> bool:
+    """Whether a side of this length gets a dense factor (see the module docstring)."""
+    return side <= max_factor_dim and (side <= other_side or side <= SMALL_SIDE)
+
+
 def _materialize(factor: torch.Tensor) -> torch.Tensor:
     """AAᵀ for a dense factor, a² (the diagonal) for a diagonal one."""
     return factor @ factor.T if factor.dim() == 2 else factor * factor
@@ -26,14 +38,16 @@ def _materialize(factor: torch.Tensor) -> torch.Tensor:
 class KroneckerFactors:
     """The meta-parameters φ of one model parameter and the preconditioning they define."""
 
-    def __init__(self, param: torch.Tensor, max_factor_dim: int):
+    def __init__(self, param: torch.Tensor, max_factor_dim: int, diagonal_rows: bool = False):
         self.param_shape = param.shape
         self.dtype = torch.promote_types(param.dtype, torch.float32)
         options = {"dtype": self.dtype, "device": param.device}
         if param.dim() >= 2:
             rows, cols = param.shape[0], param[0].numel()
-            self.left = torch.eye(rows, **options) if rows <= max_factor_dim else torch.ones(rows, **options)
-            self.right = torch.eye(cols, **options) if cols <= max_factor_dim else torch.ones(cols, **options)
+            dense_left = _dense(rows, cols, max_factor_dim) and not diagonal_rows
+            dense_right = _dense(cols, rows, max_factor_dim)
+            self.left = torch.eye(rows, **options) if dense_left else torch.ones(rows, **options)
+            self.right = torch.eye(cols, **options) if dense_right else torch.ones(cols, **options)
             self.tensors = [self.left, self.right]
         else:
             self.scale = torch.ones((), **options)

@@ -47,7 +47,9 @@ class APOPrecond(MetaLearnedOptimizer):
         meta_lr: Adam learning rate on the factors (0 turns meta-learning off; 1e-2 is a safe start, 3e-2 and
             above made runs chaotic in our measurements).
         meta_batch_fraction: the meta batch B′ is this fraction of the previously observed batch.
-        max_factor_dim: a side longer than this gets a diagonal factor instead of a dense one.
+        max_factor_dim: a side longer than this (or than the weight's other side) gets a diagonal factor.
+        diagonal_row_params: parameters whose rows index a vocabulary (input embeddings, LM heads): their row side
+            is diagonal whatever its length. The Trainer glue passes the model's input and output embeddings.
         meta_betas: Adam betas of the meta-optimizer.
     """
 
@@ -65,6 +67,7 @@ class APOPrecond(MetaLearnedOptimizer):
         meta_lr: float = 1e-2,
         meta_batch_fraction: float = 0.25,
         max_factor_dim: int = 1024,
+        diagonal_row_params=(),
         meta_betas: tuple[float, float] = (0.9, 0.999),
     ):
         if lr < 0:
@@ -80,7 +83,8 @@ class APOPrecond(MetaLearnedOptimizer):
         self._init_meta(objective, meta_interval, meta_lr, meta_batch_fraction, meta_betas)
         self.max_factor_dim = max_factor_dim
         params_in_order = [p for group in self.param_groups for p in group["params"]]
-        self.factors = {p: KroneckerFactors(p, max_factor_dim) for p in params_in_order}
+        vocabulary = {id(p) for p in diagonal_row_params}
+        self.factors = {p: KroneckerFactors(p, max_factor_dim, id(p) in vocabulary) for p in params_in_order}
         self.meta_optimizer = torch.optim.Adam(
             [t for f in self.factors.values() for t in f.tensors], lr=self.meta_lr or 1.0, betas=self.meta_betas
         )

@@ -136,3 +136,20 @@ def test_state_dict_keeps_meta_parameters_float32_for_bf16_models():
             for p in model.parameters():
                 for saved, loaded in zip(optimizer.factors[p].tensors, fresh.factors[p].tensors):
                     assert loaded.dtype == torch.float32 and torch.equal(saved, loaded)
+
+
+def test_factor_layout_keeps_factor_entries_near_the_parameter_count():
+    """Dense on a weight's shorter side only (cap 1024), diagonal on the vocabulary side: ≈ 1× the parameters."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=1000, d_model=128, d_ff=512, num_layers=1, num_decoder_layers=1, num_heads=4, d_kv=32)
+    model = T5ForConditionalGeneration(config)
+    embedding = model.get_input_embeddings().weight
+    optimizer = APOPrecond(model.parameters(), meta_lr=0.0, diagonal_row_params=[embedding])
+    kinds = {name: optimizer.factors[p].kind for name, p in model.named_parameters()}
+    assert kinds["shared.weight"] == "diagxdense"
+    assert kinds["encoder.block.0.layer.0.SelfAttention.q.weight"] == "densexdense"  # 128 × 128
+    assert kinds["encoder.block.0.layer.1.DenseReluDense.wi.weight"] == "diagxdense"  # 512 × 128
+    assert kinds["encoder.block.0.layer.1.DenseReluDense.wo.weight"] == "densexdiag"  # 128 × 512
+    ratio = optimizer.factor_numel() / sum(p.numel() for p in model.parameters())
+    assert 0.5 < ratio < 1.1

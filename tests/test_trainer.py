@@ -101,6 +101,11 @@ def test_precond_bf16_is_finite_improving_and_float32(tmp_path):
     assert optimizer.meta_steps == 20 and optimizer.skipped_meta_steps == 0
     assert all(t.dtype == torch.float32 for f in optimizer.factors.values() for t in f.tensors)
     assert apo_logs(trainer)[-1]["apo/left_trace_mean"] != 1.0
+    # The vocabulary side of the (tied) embedding is diagonal; the FFN's long side too; square weights dense.
+    model = trainer.model
+    assert optimizer.factors[model.get_input_embeddings().weight].kind == "diagxdense"
+    wi = model.encoder.block[0].layer[1].DenseReluDense.wi.weight  # 32 × 16: both sides <= 64, dense
+    assert optimizer.factors[wi].kind == "densexdense"
 
 
 def test_meta_steps_run_on_sync_steps_only_under_gradient_accumulation(tmp_path):
