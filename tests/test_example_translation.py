@@ -1,0 +1,187 @@
+"""End-to-end tests of ``examples/translation``: the script runs as a subprocess, offline, on its embedded task.
+
+Each run is shortened with ``--max_steps`` and small sample counts (about 10 s each on 2 CPU cores). The runs use one
+thread (``OMP_NUM_THREADS=1``): the model is tiny, and a second thread only adds stalls when other processes share the
+cores. ``HF_HOME`` points to a temporary directory so that no cache outside the test is read or written.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "translation"
+RUN_TRANSLATION = EXAMPLE_DIR / "run_translation.py"
+PLOT_TRAINING = EXAMPLE_DIR / "plot_training.py"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NUM_PREDICT_SAMPLES = 23
+# A short run: 30 steps of batch 32, evaluation and prediction on a few sentences, generation capped at 16 tokens.
+SHORT_RUN = [
+    "--max_steps", "30",
+    "--warmup_steps", "5",
+    "--per_device_train_batch_size", "32",
+    "--max_train_samples", "640",
+    "--max_eval_samples", "40",
+    "--max_predict_samples", str(NUM_PREDICT_SAMPLES),
+    "--generation_max_length", "16",
+    "--logging_steps", "5",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_home")
+
+
+def run_script(script, args, hf_home, timeout=120):
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(hf_home),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check_success(result):
+    assert result.returncode == 0, f"exit code {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def apo_lr_run(tmp_path_factory, hf_home):
+    """The offline default with --apo lr, writing its corpus and tokenizer to <output_dir>/offline_default."""
+    output_dir = tmp_path_factory.mktemp("apo_lr")
+    result = run_script(
+        RUN_TRANSLATION, ["--output_dir", output_dir, "--apo", "lr", "--apo_meta_interval", "5", *SHORT_RUN], hf_home
+    )
+    check_success(result)
+    return output_dir
+
+
+def read_log_history(output_dir):
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def test_offline_default_writes_results_predictions_and_plot(apo_lr_run):
+    results = json.loads((apo_lr_run / "all_results.json").read_text())
+    for key in ("eval_loss", "eval_bleu", "eval_exact_match", "train_loss", "predict_bleu", "predict_exact_match"):
+        assert key in results, f"{key} missing from all_results.json: {sorted(results)}"
+    assert 0.0 <= results["eval_exact_match"] <= 1.0
+    assert 0.0 <= results["eval_bleu"] <= 100.0
+
+    predictions = (apo_lr_run / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()
+    assert len(predictions) == NUM_PREDICT_SAMPLES
+
+    assert (apo_lr_run / "training_curves.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    # The corpus went to the default cache dir, in the same format as user files, with disjoint splits.
+    cache_dir = apo_lr_run / "offline_default"
+    splits = {}
+    for split in ("train", "validation", "test"):
+        lines = (cache_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        splits[split] = {json.loads(line)["translation"]["en"] for line in lines}
+    assert len(splits["train"]) == 8000 and len(splits["validation"]) == len(splits["test"]) == 1000
+    assert not splits["train"] & splits["validation"] and not splits["train"] & splits["test"]
+    assert not splits["validation"] & splits["test"]
+
+
+def test_offline_default_learns_and_logs_the_lr_multiplier(apo_lr_run):
+    log_history = read_log_history(apo_lr_run)
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    assert len(losses) == 6
+    # From about ln(vocabulary size) = 4.9 nats per token; 30 short steps already cut it by more than a third.
+    assert losses[-1] < 0.65 * losses[0]
+    results = json.loads((apo_lr_run / "all_results.json").read_text())
+    assert results["eval_loss"] < 3.5
+
+    multipliers = [entry["apo/lr_multiplier"] for entry in log_history if "apo/lr_multiplier" in entry]
+    assert len(multipliers) == 6
+    assert all(m > 0 for m in multipliers)
+    assert any(m != 1.0 for m in multipliers), "6 meta steps ran, the learned LR multiplier should have moved"
+
+
+@pytest.mark.parametrize(
+    "apo_args",
+    [
+        ["--apo", "none"],
+        ["--apo", "precond", "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.1"],
+    ],
+    ids=["none", "precond"],
+)
+def test_other_apo_modes_run_and_plot(apo_args, apo_lr_run, hf_home, tmp_path):
+    output_dir = tmp_path / "run"
+    cache_dir = apo_lr_run / "offline_default"  # reuse the corpus and tokenizer of the first run
+    result = run_script(
+        RUN_TRANSLATION, ["--output_dir", output_dir, "--offline_cache_dir", cache_dir, *apo_args, *SHORT_RUN], hf_home
+    )
+    check_success(result)
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_loss"] < 4.0
+
+    apo_keys = {key for entry in read_log_history(output_dir) for key in entry if key.startswith("apo/")}
+    if apo_args[1] == "none":
+        assert not apo_keys
+    else:
+        assert "apo/left_trace_mean" in apo_keys
+
+    # The plotting script also runs on its own, on any finished output dir (with or without apo/ keys).
+    plot_file = tmp_path / "standalone.png"
+    result = run_script(PLOT_TRAINING, [output_dir, "--output", plot_file], hf_home)
+    check_success(result)
+    assert plot_file.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+
+
+@pytest.mark.parametrize("case", ["missing_target_key", "missing_file", "csv_without_language_column"])
+def test_bad_input_ends_with_one_error_line(case, apo_lr_run, hf_home, tmp_path):
+    if case == "missing_target_key":
+        data_file = tmp_path / "data.jsonl"
+        pairs = [
+            {"en": "one", "de": "eins"},
+            {"en": "two", "de": "zwei"},
+            {"en": "three"},
+            {"en": "four", "de": "vier"},
+        ]
+        write_jsonl(data_file, [{"translation": pair} for pair in pairs])
+        expected = f'error: --train_file {data_file}: record 3 has no "de" key in "translation"'
+    elif case == "missing_file":
+        data_file = tmp_path / "does_not_exist.jsonl"
+        expected = f"error: --train_file {data_file}: no such file"
+    else:
+        data_file = tmp_path / "data.csv"
+        data_file.write_text("english,german\none,eins\n", encoding="utf-8")
+        expected = f'error: --train_file {data_file}: no "en" column (columns: english, german)'
+
+    args = ["--model_name_or_path", apo_lr_run, "--source_lang", "en", "--target_lang", "de"]
+    args += ["--train_file", data_file, "--do_train", "--output_dir", tmp_path / "out"]
+    result = run_script(RUN_TRANSLATION, args, hf_home)
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert result.stderr.splitlines()[-1] == error_lines[0]
+    assert error_lines[0].startswith(expected)
+
+
+def test_plot_training_reports_a_missing_state_file(hf_home, tmp_path):
+    result = run_script(PLOT_TRAINING, [tmp_path], hf_home)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"error: {tmp_path}: cannot read trainer_state.json")
