@@ -26,8 +26,8 @@ With meta-learning off (``meta_lr = 0``) ``step()`` is the wrapped optimizer's s
 foreach/fused kernels are used.
 
 Memory: a meta step needs one extra copy of the parameters (θ, turned into Δ in place). v = ∇_{θ′}Q is
-accumulated into the ``.grad`` buffers, whose g the base step has already consumed: after a meta step's
-``step()``, ``.grad`` holds ⟨Δ, v⟩ products rather than g (zero them as usual before the next backward).
+written into the ``.grad`` buffers, whose g the base step has already consumed: after a meta step's ``step()``,
+``.grad`` holds the elementwise products Δ ⊙ v rather than g (zero them as usual before the next backward).
 """
 
 from __future__ import annotations
@@ -153,9 +153,15 @@ class APOLR(MetaLearnedOptimizer):
         dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
         device = params[0].device if params else torch.device("cpu")
         # ⟨Δ, v⟩ per parameter, computed in place in the .grad buffers and summed in at least float32.
-        products = list(result.lookahead_grads)
-        torch._foreach_mul_(products, deltas)
-        per_param = [t.sum(dtype=dtype) for t in products]
+        reached = [(v, d) for v, d in zip(result.lookahead_grads, deltas) if v is not None]
+        if reached:
+            products, reached_deltas = map(list, zip(*reached))
+            torch._foreach_mul_(products, reached_deltas)
+        products = iter(v for v, _ in reached)
+        per_param = [
+            next(products).sum(dtype=dtype) if v is not None else torch.zeros((), dtype=dtype, device=device)
+            for v in result.lookahead_grads
+        ]
         wsd = self.objective.lambda_wsd
         objective = result.objective.to(dtype)
         if wsd:

@@ -245,8 +245,9 @@ class ProximalObjective:
         """Q_partial = L_B(θ′) + λ_FSD · D and v = ∇_{θ′} Q_partial, with the model's parameters at θ′.
 
         By default the gradients come from ``torch.autograd.grad``, so the ``.grad`` of the real step is left
-        untouched. With ``into_grad=True`` (for a caller that has already used g) v is accumulated into the
-        parameters' ``.grad`` buffers instead, which saves a copy of the parameters; and B and B′ are then
+        untouched. With ``into_grad=True`` (for a caller that has already used g) the ``.grad`` buffers are freed
+        and v is written there instead (None for a parameter the objective does not reach), which saves a copy
+        of the parameters; and B and B′ are then
         back-propagated one after the other, so only one of their activation graphs is alive at a time.
         Either way DDP reduces nothing: the optimizer all-reduces its small meta-gradient itself.
         """
@@ -254,8 +255,7 @@ class ProximalObjective:
         with torch.enable_grad(), self._eval_mode():
             if into_grad:
                 for p in params:
-                    if p.grad is not None:
-                        p.grad.zero_()
+                    p.grad = None  # freed, not zeroed: backward allocates v as it goes, as a training backward does
                 loss = self._loss(self.forward(self.model, batch))
                 loss.backward(inputs=params)
                 objective = loss.detach()

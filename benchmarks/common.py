@@ -1,0 +1,318 @@
+"""What overhead.py and quality.py share: the optimizers under test, one plain training step, the record of the
+machine a result came from, and the output helpers.
+
+Every optimizer is driven by the same plain PyTorch loop (:func:`train_step`): forward, backward,
+``observe(batch)`` for APO, ``step()``, ``zero_grad()``. No Trainer, no gradient clipping, no AMP scaler, so
+the differences measured are the optimizers' own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_apo import APOLR, APOPrecond, ProximalObjective
+from hf_apo.meta import MetaLearnedOptimizer
+from hf_apo.objective import default_forward, get_output
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One optimizer configuration under test; ``kind`` picks the builder, the rest are its hyperparameters.
+
+    kinds: ``adamw``, ``sgd`` (``momentum`` as given), ``apo_lr`` (APO-LR over AdamW), ``apo_precond``
+    (APO-Precond over SGD with ``momentum``), ``prodigy``, ``sf_adamw`` (schedule-free AdamW), ``soap``
+    (heavyball SOAP, the second-order peer, run eagerly: no torch.compile).
+    ``schedule``: ``constant`` or ``warmup_cosine`` (linear warmup over ``warmup_fraction`` of the steps, then
+    cosine decay to 0), applied to the base learning rate by a LambdaLR.
+    """
+
+    name: str
+    kind: str
+    lr: float = 1e-3
+    momentum: float = 0.0
+    schedule: str = "constant"
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+    meta_interval: int = 10
+    meta_lr: float | None = None  # None: hf_apo's default (0.1 for APO-LR, 1e-2 for APO-Precond)
+    meta_batch_fraction: float = 0.25
+    lambda_fsd: float = 10.0
+    lambda_wsd: float = 0.0
+    max_factor_dim: int = 1024
+
+    @property
+    def is_apo(self) -> bool:
+        return self.kind in ("apo_lr", "apo_precond")
+
+    def with_(self, **changes) -> MethodSpec:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def heavyball_eager():
+    """heavyball with torch.compile switched off (it compiles by default; the peers here all run eagerly)."""
+    import heavyball
+    import heavyball.utils
+
+    heavyball.utils.compile_mode = None
+    return heavyball
+
+
+def build_optimizer(
+    spec: MethodSpec,
+    model: torch.nn.Module,
+    *,
+    total_steps: int,
+    divergence: str = "kl",
+    forward: Callable | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimizer that ``spec`` describes over ``model``'s parameters, and its scheduler (or None)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    wd = spec.weight_decay
+    if spec.kind in ("apo_lr", "apo_precond"):
+        objective = ProximalObjective(
+            model, lambda_fsd=spec.lambda_fsd, lambda_wsd=spec.lambda_wsd, divergence=divergence, forward=forward
+        )
+        meta = dict(meta_interval=spec.meta_interval, meta_batch_fraction=spec.meta_batch_fraction)
+        if spec.meta_lr is not None:
+            meta["meta_lr"] = spec.meta_lr
+        if spec.kind == "apo_lr":
+            optimizer = APOLR(params, objective, base="adamw", lr=spec.lr, weight_decay=wd, **meta)
+        else:
+            optimizer = APOPrecond(
+                params, objective, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
+                max_factor_dim=spec.max_factor_dim, **meta,
+            )
+    elif spec.kind == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=wd)
+    elif spec.kind == "sgd":
+        optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=wd)
+    elif spec.kind == "prodigy":
+        from prodigyopt import Prodigy
+
+        optimizer = Prodigy(params, lr=spec.lr, weight_decay=wd)
+    elif spec.kind == "sf_adamw":
+        import schedulefree
+
+        warmup = int(spec.warmup_fraction * total_steps)
+        optimizer = schedulefree.AdamWScheduleFree(params, lr=spec.lr, weight_decay=wd, warmup_steps=warmup)
+        optimizer.train()
+    elif spec.kind == "soap":
+        optimizer = heavyball_eager().SOAP(params, lr=spec.lr, weight_decay=wd)
+    else:
+        raise ValueError(f"unknown optimizer kind {spec.kind!r}")
+
+    scheduler = None
+    if spec.schedule == "warmup_cosine":
+        warmup = max(1, int(spec.warmup_fraction * total_steps))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    elif spec.schedule != "constant":
+        raise ValueError(f"unknown schedule {spec.schedule!r}")
+    return optimizer, scheduler
+
+
+def train_step(model, optimizer, batch, forward: Callable = default_forward, scheduler=None) -> torch.Tensor:
+    """One step of the plain loop every optimizer shares; returns the (detached) training loss."""
+    loss = get_output(forward(model, batch), "loss")
+    loss.backward()
+    if isinstance(optimizer, MetaLearnedOptimizer):
+        optimizer.observe(batch)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach()
+
+
+def last_step_was_meta(optimizer) -> bool:
+    """True when the ``step()`` just taken ran a meta step (APO only)."""
+    return (
+        isinstance(optimizer, MetaLearnedOptimizer)
+        and optimizer.meta_lr > 0
+        and optimizer.step_count % optimizer.meta_interval == 0
+    )
+
+
+def set_eval_mode(optimizer, evaluating: bool) -> None:
+    """Schedule-free optimizers evaluate at their averaged point: switch them to eval() and back to train()."""
+    if hasattr(optimizer, "eval") and hasattr(optimizer, "train") and "ScheduleFree" in type(optimizer).__name__:
+        optimizer.eval() if evaluating else optimizer.train()
+
+
+def tensor_bytes(obj: Any, seen: set[int] | None = None, exclude: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable in ``obj`` (dicts, lists, tuples, tensors)."""
+    seen = set() if seen is None else seen
+    exclude = exclude or set()
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() == 0:
+            return 0
+        key = obj.untyped_storage().data_ptr()
+        if key in seen or key in exclude:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v, seen, exclude) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen, exclude) for v in obj)
+    return 0
+
+
+def optimizer_state_bytes(optimizer, model: torch.nn.Module) -> int:
+    """Bytes an optimizer keeps between steps beyond the parameters and their gradients.
+
+    Its ``state`` (moments, momentum buffers, peers' preconditioners) plus, for APO, the meta-parameters, their
+    Adam state, the cached L = AAᵀ / R = BBᵀ and the two batches kept for the meta step.
+    """
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = tensor_bytes(list(optimizer.state.values()), seen, exclude)
+    if isinstance(optimizer, APOLR):
+        total += tensor_bytes([optimizer.log_lr, list(optimizer.meta_optimizer.state.values())], seen, exclude)
+    if isinstance(optimizer, APOPrecond):
+        for factors in optimizer.factors.values():
+            total += tensor_bytes([factors.tensors, factors._cache], seen, exclude)
+        total += tensor_bytes(list(optimizer.meta_optimizer.state.values()), seen, exclude)
+    if isinstance(optimizer, MetaLearnedOptimizer):
+        total += tensor_bytes([optimizer._current_batch, optimizer._previous_batch], seen, exclude)
+    return total
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def environment(argv: list[str] | None = None) -> dict[str, Any]:
+    """Where and how a result was produced: device, versions, threads, load, commit and the exact command."""
+    argv = sys.argv if argv is None else argv
+    import transformers
+
+    info: dict[str, Any] = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *argv]),
+        "cwd": os.getcwd(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({_cpu_name()})",
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for package in ("heavyball", "prodigyopt", "schedulefree", "sklearn"):
+        try:
+            module = __import__(package)
+            info[package] = getattr(module, "__version__", "unknown")
+        except ImportError:
+            info[package] = None
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hf_apo"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        info["hf_apo_uncommitted_changes"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def finish_environment(info: dict[str, Any], started: float) -> dict[str, Any]:
+    info["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["wall_clock_s"] = round(time.perf_counter() - started, 1)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf become None so the file is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    return value
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "—"
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                return "—"
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm when it is installed and stderr is a terminal or asked for; a plain iterator otherwise."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable if iterable is not None else _NoBar()
+    kwargs.setdefault("mininterval", 2.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+class _NoBar:  # pragma: no cover
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass

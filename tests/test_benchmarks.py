@@ -1,0 +1,91 @@
+"""The benchmark scripts' --quick modes run end to end and write well-formed results (about 30-40 s together).
+
+Each runs in a subprocess, as a user runs it, so its torch thread setting cannot leak into other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, output_dir: Path, *extra: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick", "--output_dir", str(output_dir), *extra],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+
+def positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_overhead_quick(tmp_path):
+    run_script("overhead.py", tmp_path)
+    results = json.loads((tmp_path / "overhead.json").read_text())
+    for key in ("apo_lr_step_ratio", "apo_precond_step_ratio", "apo_lr_peak_mem_ratio", "apo_precond_peak_mem_ratio"):
+        assert positive_finite(results[key]), (key, results[key])
+    env = results["environment"]
+    assert env["torch"] and env["device"] and "overhead.py" in env["command"] and "--quick" in env["command"]
+    size = results["headline_size"]
+    row = results["per_size"][size]
+    assert positive_finite(row["apo_lr_step_ratio"]) and positive_finite(row["apo_precond_step_ratio"])
+    methods = results["sizes"][size]["methods"]
+    assert methods["adamw"]["step_ratio"] == 1.0
+    assert methods["adamw"]["peak_mem_ratio"] == 1.0
+    for name in ("apo_lr", "apo_precond"):
+        assert len(methods[name]["block_means_s"]) == results["settings"]["reps"]
+        assert positive_finite(methods[name]["meta_step_in_adamw_steps"])
+        parts = methods[name]["meta_step_breakdown_s"]
+        assert parts["lookahead_forward_backward"] > 0 and parts["training_forward_backward"] > 0
+    # APO-LR keeps AdamW's moments plus φ, its Adam state and the two observed batches
+    assert methods["apo_lr"]["state_bytes"] > methods["adamw"]["state_bytes"]
+    # APO-Precond keeps SGD's momentum buffer (one copy of the parameters) plus its factors
+    assert methods["apo_precond"]["state_bytes"] > results["sizes"][size]["param_bytes"]
+    assert set(results["targets"][size]) >= {"apo_lr_step_ratio_le_1.10", "apo_precond_step_ratio_le_1.25",
+                                             "apo_lr_peak_le_adamw_plus_one_param_copy"}
+    text = (tmp_path / "overhead.md").read_text()
+    assert "| APO-LR step time / AdamW |" in text and "Command:" in text
+
+
+def test_quality_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    run_script("quality.py", tmp_path)
+    results = json.loads((tmp_path / "quality.json").read_text())
+    assert set(results["tasks"]) == {"diabetes", "digits_autoencoder", "digits_classification", "translation"}
+    for name, task in results["tasks"].items():
+        assert positive_finite(task["target_loss"]), name
+        selected = task["selected"]
+        for label in ("adamw_best_constant", "adamw_tuned_decay", "apo_lr_1e-03", "apo_precond_sgdm",
+                      "apo_precond_sgd", "prodigy", "sf_adamw", "soap"):
+            method = task["methods"][selected[label]]
+            assert positive_finite(method["final_mean"]), (name, label, method["final_mean"])
+            assert method["final_std"] is not None and method["final_std"] >= 0
+            assert "steps_to_tuned_adamw_loss" in method and "seconds_to_tuned_adamw_loss" in method
+            assert len(method["mean_curve"]) == len(method["curve_steps"])
+        # the tuned AdamW reaches its own final loss by definition
+        assert task["methods"][task["tuned_adamw"]]["steps_to_tuned_adamw_loss"] is not None
+        assert task["methods"][selected["apo_lr_1e-03"]]["lr_traces"], "APO-LR records its learned LR"
+        assert task["bf16"], name
+        for entry in task["bf16"].values():
+            assert math.isfinite(entry["relative_change"])
+        assert (tmp_path / f"quality_{name}_loss.png").stat().st_size > 1000
+        assert (tmp_path / f"quality_{name}_apo_lr_schedule.png").stat().st_size > 1000
+    assert set(results["claims"]) == {"apo_lr_beats_best_fixed_lr", "apo_lr_within_2pct_of_tuned_decay",
+                                      "apo_precond_competitive_with_second_order_and_0.7x_steps",
+                                      "bf16_changes_apo_by_lt_1pct"}
+    assert "apo_lr_lambda_fsd" in results["defaults"]
+    assert results["environment"]["command"].endswith("--output_dir " + str(tmp_path)) or "--quick" in results["environment"]["command"]
+    text = (tmp_path / "quality.md").read_text()
+    assert "## Claims, as measured" in text and "## Recommended defaults" in text
