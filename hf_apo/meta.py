@@ -11,7 +11,8 @@ which the training loop calls with each (micro-)batch it trains on:
   step of a run, when nothing was observed before, is B′ = B.
 
 No batch is drawn twice from the data; the last observed batch is part of the state dict so that a resumed run
-sees the same B′ as one that never stopped.
+sees the same B′ as one that never stopped. (The Trainer saves rank 0's optimizer state, so after a multi-process
+resume every rank's first B′ is rank 0's last batch; φ stays identical on all ranks, the meta-gradient being reduced.)
 """
 
 from __future__ import annotations
