@@ -36,6 +36,14 @@ def unwrap_apo_optimizer(optimizer: Any) -> MetaLearnedOptimizer | None:
     return optimizer
 
 
+def vocabulary_weights(model) -> list:
+    """The input and output embedding weights (rows index the vocabulary) of a ``PreTrainedModel``."""
+    if not hasattr(model, "get_input_embeddings"):
+        return []
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    return [m.weight for m in modules if getattr(m, "weight", None) is not None]
+
+
 class APOTrainerMixin:
     """The APO behaviour, shared by :class:`APOTrainer` and :class:`APOSeq2SeqTrainer`."""
 
@@ -52,6 +60,7 @@ class APOTrainerMixin:
                     f"--apo {self.args.apo} builds its own optimizer; do not pass `optimizers=` to the Trainer "
                     "(or use --apo none)."
                 )
+            # The arguments refuse --deepspeed / --fsdp; this catches the same plugins set by `accelerate launch`.
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError("--apo does not support DeepSpeed or FSDP yet; use --apo none with them.")
         self._apo_outputs_checked = False
@@ -77,11 +86,12 @@ class APOTrainerMixin:
         if args.apo == "lr":
             self.optimizer = APOLR(base, objective, log_lr_range=(-args.apo_lr_clamp, args.apo_lr_clamp), **meta)
         else:
-            embeddings = [m.weight for m in (opt_model.get_input_embeddings(), opt_model.get_output_embeddings())
-                          if m is not None and getattr(m, "weight", None) is not None] \
-                if hasattr(opt_model, "get_input_embeddings") else []
             self.optimizer = APOPrecond.from_sgd(
-                base, objective, max_factor_dim=args.apo_max_factor_dim, diagonal_row_params=embeddings, **meta
+                base,
+                objective,
+                max_factor_dim=args.apo_max_factor_dim,
+                diagonal_row_params=vocabulary_weights(opt_model),
+                **meta,
             )
         return self.optimizer
 

@@ -139,7 +139,8 @@ class APOLR(MetaLearnedOptimizer):
 
     def _meta_step(self) -> None:
         batch, meta_batch = self._meta_batches()
-        groups = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        groups = [self._params_with_grad(group) for group in self.param_groups]
+        sizes = [len(group) for group in groups]
         params = [p for group in groups for p in group]
         target = self.objective.target(meta_batch)
         deltas = [p.detach().clone() for p in params]  # θ; the only extra copy of the parameters
@@ -152,30 +153,23 @@ class APOLR(MetaLearnedOptimizer):
 
         dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
         device = params[0].device if params else torch.device("cpu")
-        # ⟨Δ, v⟩ per parameter, computed in place in the .grad buffers and summed in at least float32.
-        reached = [(v, d) for v, d in zip(result.lookahead_grads, deltas) if v is not None]
-        if reached:
-            products, reached_deltas = map(list, zip(*reached))
-            torch._foreach_mul_(products, reached_deltas)
-        products = iter(v for v, _ in reached)
-        per_param = [
-            next(products).sum(dtype=dtype) if v is not None else torch.zeros((), dtype=dtype, device=device)
-            for v in result.lookahead_grads
-        ]
+        zero = torch.zeros((), dtype=dtype, device=device)
+        # ⟨Δ, v⟩ per parameter, multiplied in place in the .grad buffers and summed in at least float32.
+        reached = [i for i, v in enumerate(result.lookahead_grads) if v is not None]
+        torch._foreach_mul_([result.lookahead_grads[i] for i in reached], [deltas[i] for i in reached])
+        per_param = [zero if v is None else v.sum(dtype=dtype) for v in result.lookahead_grads]
         wsd = self.objective.lambda_wsd
         objective = result.objective.to(dtype)
         if wsd:
             squared = [n.square() for n in torch._foreach_norm(deltas, 2, dtype=dtype)]
             per_param = [dot + wsd * sq for dot, sq in zip(per_param, squared)]
             objective = objective + 0.5 * wsd * torch.stack(squared).sum()
-        sizes = [len(group) for group in groups]
-        meta_grad = torch.stack([torch.stack(chunk).sum() if chunk else torch.zeros((), dtype=dtype, device=device)
-                                 for chunk in _split(per_param, sizes)])
+        meta_grad = torch.stack([torch.stack(chunk).sum() if chunk else zero for chunk in _split(per_param, sizes)])
         self.last_meta_gradient = meta_grad.detach().cpu()
         if not self._reduce_and_check(meta_grad, objective):
             return
 
-        old = self.log_lr.clone()
+        previous = self.log_lr.tolist()
         self.log_lr.grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
         self.meta_optimizer.step()
         self.log_lr.grad = None
@@ -183,13 +177,11 @@ class APOLR(MetaLearnedOptimizer):
         self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
 
         # Rescale the step already taken to the one the new φ gives: θ′ += Δ · (exp(φ_new − φ) − 1).
-        index = 0
-        for group_index, group in enumerate(groups):
-            correction = math.expm1(float(self.log_lr[group_index] - old[group_index]))
-            for p in group:
-                if correction != 0.0:
-                    p.add_(deltas[index], alpha=correction)
-                index += 1
+        changes = [new - old for new, old in zip(self.log_lr.tolist(), previous)]
+        for group, group_deltas, change in zip(groups, _split(deltas, sizes), changes):
+            correction = math.expm1(change)
+            if group and correction != 0.0:
+                torch._foreach_add_(group, group_deltas, alpha=correction)
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -91,6 +91,11 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         device = next((p.device for g in self.param_groups for p in g["params"]), None)
         return move_batch(batch, device), move_batch(meta_batch, device)
 
+    @staticmethod
+    def _params_with_grad(group: dict[str, Any]) -> list[torch.Tensor]:
+        """The parameters of a group that the step updates (torch optimizers skip those without a gradient)."""
+        return [p for p in group["params"] if p.grad is not None]
+
     def _meta_step_due(self) -> bool:
         return (
             self.meta_lr > 0

@@ -246,32 +246,35 @@ class ProximalObjective:
 
         By default the gradients come from ``torch.autograd.grad``, so the ``.grad`` of the real step is left
         untouched. With ``into_grad=True`` (for a caller that has already used g) the ``.grad`` buffers are freed
-        and v is written there instead (None for a parameter the objective does not reach), which saves a copy
-        of the parameters; and B and B′ are then
-        back-propagated one after the other, so only one of their activation graphs is alive at a time.
-        Either way DDP reduces nothing: the optimizer all-reduces its small meta-gradient itself.
+        and v is written there instead (None for a parameter the objective does not reach), which saves a copy of
+        the parameters; B and B′ are then back-propagated one after the other, so only one of their activation
+        graphs is alive at a time. Either way DDP reduces nothing: the optimizer all-reduces its small
+        meta-gradient itself.
         """
         params = list(params)
+        if into_grad:
+            for p in params:
+                p.grad = None  # freed, not zeroed: backward allocates v as it goes, as a training backward does
         with torch.enable_grad(), self._eval_mode():
-            if into_grad:
-                for p in params:
-                    p.grad = None  # freed, not zeroed: backward allocates v as it goes, as a training backward does
-                loss = self._loss(self.forward(self.model, batch))
-                loss.backward(inputs=params)
-                objective = loss.detach()
-                if self.uses_meta_batch:
-                    outputs = self.forward(self.model, meta_batch)
-                    fsd = self.lambda_fsd * self._divergence(target, outputs, meta_batch)
-                    fsd.backward(inputs=params)
-                    objective = objective + fsd.detach()
-                return MetaStepResult(objective=objective, lookahead_grads=[p.grad for p in params])
             loss = self._loss(self.forward(self.model, batch))
-            objective = loss
+            if not into_grad:
+                objective = loss + self._function_space_term(meta_batch, target)
+                grads = torch.autograd.grad(objective, params, allow_unused=True)
+                return MetaStepResult(objective=objective.detach(), lookahead_grads=list(grads))
+            loss.backward(inputs=params)
+            objective = loss.detach()
             if self.uses_meta_batch:
-                outputs = self.forward(self.model, meta_batch)
-                objective = objective + self.lambda_fsd * self._divergence(target, outputs, meta_batch)
-            grads = torch.autograd.grad(objective, params, allow_unused=True)
-        return MetaStepResult(objective=objective.detach(), lookahead_grads=list(grads))
+                fsd = self._function_space_term(meta_batch, target)
+                fsd.backward(inputs=params)
+                objective = objective + fsd.detach()
+            return MetaStepResult(objective=objective, lookahead_grads=[p.grad for p in params])
+
+    def _function_space_term(self, meta_batch: Batch | None, target: Any) -> torch.Tensor | float:
+        """λ_FSD · D(f(B′; θ) ‖ f(B′; θ′)) with the model at θ′ (0 when λ_FSD = 0: no forward on B′)."""
+        if not self.uses_meta_batch:
+            return 0.0
+        outputs = self.forward(self.model, meta_batch)
+        return self.lambda_fsd * self._divergence(target, outputs, meta_batch)
 
     def _loss(self, outputs: Any) -> torch.Tensor:
         loss = get_output(outputs, "loss")

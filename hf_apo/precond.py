@@ -134,9 +134,6 @@ class APOPrecond(MetaLearnedOptimizer):
             return torch._foreach_add(directions, buffers, alpha=momentum)
         return buffers
 
-    def _params_with_grad(self, group) -> list[torch.Tensor]:
-        return [p for p in group["params"] if p.grad is not None]
-
     def _update(self, meta_step_due: bool) -> None:
         if meta_step_due:
             self.meta_update()

@@ -26,14 +26,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny import MLP, copy_task_batch, mlp_batch, tiny_t5  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    """Intra-op threads only add overhead on tensors this small (the machine has 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # -- a. APO-LR rescues a learning rate 100× too small ---------------------------------------------------------
 
@@ -79,7 +71,7 @@ def _train_least_squares(x, y, lr: float, meta_lr: float, steps: int = 400):
     return loss, optimizer.lr_multipliers[0], optimizer
 
 
-def test_apo_lr_rescues_a_learning_rate_100x_too_small(one_thread):
+def test_apo_lr_rescues_a_learning_rate_100x_too_small():
     x, y, optimum = _least_squares_problem()
     good_loss, _, _ = _train_least_squares(x, y, lr=1e-1, meta_lr=0.0)
     base_loss, base_multiplier, _ = _train_least_squares(x, y, lr=1e-3, meta_lr=0.0)
@@ -102,7 +94,7 @@ def test_apo_lr_rescues_a_learning_rate_100x_too_small(one_thread):
 # -- b. bf16 model, float32 factors, state dict round trip -----------------------------------------------------
 
 
-def test_precond_trains_bf16_t5_with_float32_factors_and_round_trips(one_thread):
+def test_precond_trains_bf16_t5_with_float32_factors_and_round_trips():
     model = tiny_t5(dtype=torch.bfloat16)
     objective = ProximalObjective(model, lambda_fsd=10.0)
     optimizer = APOPrecond(
