@@ -14,7 +14,13 @@ from transformers.training_args import OptimizerNames
 APO_MODES = ("none", "lr", "precond")
 # --optim values whose torch optimizer APO-LR can wrap (its step must be linear in the learning rate).
 APO_LR_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "rmsprop")
-DEFAULT_META_LR = {"lr": 0.1, "precond": 3e-3}  # benchmarks/results/quality.md, "Recommended defaults"
+APO_LOSS_BATCHES = ("same", "next")
+# The defaults of the flags left unset, per mode: benchmarks/results/apo_lr_defaults.md (APO-LR) and
+# benchmarks/results/quality.md, "Recommended defaults" (APO-Precond).
+APO_DEFAULTS = {
+    "lr": {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_loss_batch": "same"},
+    "precond": {"apo_meta_lr": 3e-3, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_loss_batch": "same"},
+}
 
 
 @dataclass
@@ -30,8 +36,12 @@ class APOArgumentsMixin:
             "choices": list(APO_MODES),
         },
     )
-    apo_meta_interval: int = field(
-        default=10, metadata={"help": "Take a meta step every this many optimizer steps (K). Must be >= 1."}
+    apo_meta_interval: int | None = field(
+        default=None,
+        metadata={
+            "help": "Take a meta step every this many optimizer steps (K). Must be >= 1. Default: 10 for --apo "
+            "lr, 10 for --apo precond."
+        },
     )
     apo_meta_lr: float | None = field(
         default=None,
@@ -40,11 +50,22 @@ class APOArgumentsMixin:
             "--apo lr (the LR moves about this much in log space per meta step), 0.003 for --apo precond."
         },
     )
-    apo_lambda_fsd: float = field(
-        default=10.0,
+    apo_lambda_fsd: float | None = field(
+        default=None,
         metadata={
             "help": "Weight of the function-space proximity term: KL between the model's output distributions before "
-            "and after the step, in nats per target token. Must be >= 0."
+            "and after the step, in nats per target token. Must be >= 0. Default: 10 for --apo lr, 10 for --apo "
+            "precond."
+        },
+    )
+    apo_loss_batch: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the meta-objective scores the loss after the look-ahead step: 'same' (the batch that gave "
+            "the gradient, as in the paper; needs a proximity term) or 'next' (the next training batch, whose "
+            "gradient the Trainer computes anyway: a meta step is then dot products, plus the KL pass when "
+            "--apo_lambda_fsd > 0; --apo lr only). Default: 'same'.",
+            "choices": list(APO_LOSS_BATCHES),
         },
     )
     apo_lambda_wsd: float = field(
@@ -76,16 +97,19 @@ class APOArgumentsMixin:
         self._validate_apo_with_parent()
         super().__post_init__()
 
+    def apo_setting(self, flag: str):
+        """The value of an ``--apo_*`` flag that has a per-mode default: the user's, else the mode's default."""
+        value = getattr(self, flag)
+        return value if value is not None else APO_DEFAULTS.get(self.apo, APO_DEFAULTS["lr"])[flag]
+
     @property
     def apo_effective_meta_lr(self) -> float:
-        if self.apo_meta_lr is not None:
-            return self.apo_meta_lr
-        return DEFAULT_META_LR.get(self.apo, 0.0)
+        return self.apo_setting("apo_meta_lr") if self.apo != "none" else 0.0
 
     def _validate_apo_fields(self) -> None:
         if self.apo not in APO_MODES:
             raise ValueError(f"--apo must be one of {', '.join(APO_MODES)}; got {self.apo!r}.")
-        if not isinstance(self.apo_meta_interval, int) or self.apo_meta_interval < 1:
+        if self.apo_meta_interval is not None and (not isinstance(self.apo_meta_interval, int) or self.apo_meta_interval < 1):
             raise ValueError(
                 f"--apo_meta_interval must be an integer >= 1 (a meta step every K optimizer steps); "
                 f"got {self.apo_meta_interval!r}."
@@ -94,8 +118,15 @@ class APOArgumentsMixin:
             raise ValueError(f"--apo_meta_lr must be >= 0 (0 switches meta-learning off); got {self.apo_meta_lr!r}.")
         for flag in ("apo_lambda_fsd", "apo_lambda_wsd"):
             value = getattr(self, flag)
-            if not value >= 0:
+            if value is not None and not value >= 0:
                 raise ValueError(f"--{flag} must be >= 0; got {value!r}. Use 0 to drop that proximity term.")
+        if self.apo_loss_batch is not None and self.apo_loss_batch not in APO_LOSS_BATCHES:
+            raise ValueError(f"--apo_loss_batch must be one of {', '.join(APO_LOSS_BATCHES)}; got {self.apo_loss_batch!r}.")
+        if self.apo == "precond" and self.apo_loss_batch == "next":
+            raise ValueError(
+                "--apo_loss_batch next is supported by --apo lr only; --apo precond scores the loss on the same batch. "
+                "Drop --apo_loss_batch or pass --apo_loss_batch same."
+            )
         if not 0 < self.apo_meta_batch_fraction <= 1:
             raise ValueError(f"--apo_meta_batch_fraction must be in (0, 1]; got {self.apo_meta_batch_fraction!r}.")
         if not self.apo_lr_clamp > 0:

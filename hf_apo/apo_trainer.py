@@ -74,12 +74,13 @@ class APOTrainerMixin:
         args = self.args
         objective = ProximalObjective(
             opt_model,
-            lambda_fsd=args.apo_lambda_fsd,
+            lambda_fsd=args.apo_setting("apo_lambda_fsd"),
             lambda_wsd=args.apo_lambda_wsd,
+            loss_batch=args.apo_setting("apo_loss_batch"),
             label_shift=1 if opt_model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else 0,
         )
         meta = dict(
-            meta_interval=args.apo_meta_interval,
+            meta_interval=args.apo_setting("apo_meta_interval"),
             meta_lr=args.apo_effective_meta_lr,
             meta_batch_fraction=args.apo_meta_batch_fraction,
         )
@@ -114,7 +115,7 @@ class APOTrainerMixin:
             )
         # First training forward: refuse a model APO cannot score before any parameter changes.
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.args.apo_lambda_fsd > 0 and get_output(outputs, "logits") is None:
+        if self.args.apo_setting("apo_lambda_fsd") > 0 and get_output(outputs, "logits") is None:
             raise ValueError(
                 f"--apo {self.args.apo} with --apo_lambda_fsd > 0 compares output distributions, but "
                 f"{type(self.model).__name__} returns no `logits`. Set --apo_lambda_fsd 0 (and --apo_lambda_wsd > 0) "

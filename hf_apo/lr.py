@@ -33,6 +33,7 @@ written into the ``.grad`` buffers, whose g the base step has already consumed: 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,6 +114,7 @@ class APOLR(MetaLearnedOptimizer):
         self.log_lr = torch.zeros(len(self.param_groups), dtype=torch.float32)
         self.meta_optimizer = torch.optim.Adam([self.log_lr], lr=self.meta_lr or 1.0, betas=self.meta_betas)
         self._multipliers = [1.0] * len(self.param_groups)
+        self._pending: _Lookahead | None = None  # loss_batch "next": the look-ahead awaiting the next gradient
         self._initialized = True
 
     @property
@@ -132,67 +134,138 @@ class APOLR(MetaLearnedOptimizer):
                 group["lr"] = lr
 
     def _update(self, meta_step_due: bool) -> None:
-        if meta_step_due:
+        if self._pending is not None:
+            self._finish_delayed_meta_step()  # loss_batch "next": .grad now holds ∇L_{B_t+1}(θ′)
+        if not meta_step_due:
+            self._base_step(self._multipliers)
+        elif self.objective.loss_batch == "same":
             self._meta_step()  # takes the base step itself, as the look-ahead
         else:
-            self._base_step(self._multipliers)
+            self._pending = self._lookahead(score_loss=False)  # finished at the next step, with its gradient
 
     def _meta_step(self) -> None:
-        batch, meta_batch = self._meta_batches()
+        """loss_batch "same": Q on B at θ′, φ ← φ_new, then the step already taken is rescaled to φ_new."""
+        pending = self._lookahead(score_loss=True)
+        changes = self._apply_meta_gradient(pending.meta_grad, pending.objective)
+        if changes is None:
+            return
+        # Rescale the step already taken to the one the new φ gives: θ′ += Δ · (exp(φ_new − φ) − 1).
+        for group, group_deltas, change in zip(_split(pending.params, pending.sizes), _split(pending.deltas, pending.sizes), changes):
+            correction = math.expm1(change)
+            if group and correction != 0.0:
+                torch._foreach_add_(group, group_deltas, alpha=correction)
+
+    def _lookahead(self, score_loss: bool) -> _Lookahead:
+        """The base step with the current φ as the look-ahead θ′ = θ + Δ, and the part of ∂Q/∂φ known at θ′.
+
+        ``score_loss``: the loss on B at θ′ is part of it (``loss_batch="same"``); for ``"next"`` it comes from the
+        next step's gradient. The function-space term on B′ (λ_FSD > 0) and the weight-space term are always here.
+        """
         groups = [self._params_with_grad(group) for group in self.param_groups]
         sizes = [len(group) for group in groups]
         params = [p for group in groups for p in group]
-        target = self.objective.target(meta_batch)
+        batch = meta_batch = target = None
+        if self.objective.needs_batches:
+            batch, meta_batch = self._meta_batches()
+            batch = batch if score_loss else None
+            target = self.objective.target(meta_batch)
         deltas = [p.detach().clone() for p in params]  # θ; the only extra copy of the parameters
 
         self._base_step(self._multipliers)  # θ′ = θ + Δ(φ)
         torch._foreach_sub_(deltas, [p.detach() for p in params])
         torch._foreach_neg_(deltas)  # Δ = θ′ − θ, in place of the copy of θ
-        # g has been used by the base step: v goes into the .grad buffers (no further copy of the parameters).
-        result = self.objective.lookahead_gradient(params, batch, meta_batch, target, into_grad=True)
 
         dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
         device = params[0].device if params else torch.device("cpu")
         zero = torch.zeros((), dtype=dtype, device=device)
-        # ⟨Δ, v⟩ per parameter, multiplied in place in the .grad buffers and summed in at least float32.
-        reached = [i for i, v in enumerate(result.lookahead_grads) if v is not None]
-        torch._foreach_mul_([result.lookahead_grads[i] for i in reached], [deltas[i] for i in reached])
-        per_param = [zero if v is None else v.sum(dtype=dtype) for v in result.lookahead_grads]
+        per_param = [zero] * len(params)
+        objective = zero
+        if batch is not None or self.objective.uses_meta_batch:
+            # g has been used by the base step: v goes into the .grad buffers (no further copy of the parameters).
+            result = self.objective.lookahead_gradient(params, batch, meta_batch, target, into_grad=True)
+            # ⟨Δ, v⟩ per parameter, multiplied in place in the .grad buffers and summed in at least float32.
+            reached = [i for i, v in enumerate(result.lookahead_grads) if v is not None]
+            torch._foreach_mul_([result.lookahead_grads[i] for i in reached], [deltas[i] for i in reached])
+            per_param = [zero if v is None else v.sum(dtype=dtype) for v in result.lookahead_grads]
+            objective = result.objective.to(dtype)
         wsd = self.objective.lambda_wsd
-        objective = result.objective.to(dtype)
-        if wsd:
+        if wsd and params:
             squared = [n.square() for n in torch._foreach_norm(deltas, 2, dtype=dtype)]
             per_param = [dot + wsd * sq for dot, sq in zip(per_param, squared)]
             objective = objective + 0.5 * wsd * torch.stack(squared).sum()
         meta_grad = torch.stack([torch.stack(chunk).sum() if chunk else zero for chunk in _split(per_param, sizes)])
+        return _Lookahead(params, sizes, deltas, meta_grad, objective)
+
+    def _finish_delayed_meta_step(self) -> None:
+        """loss_batch "next": add ⟨Δ, ∇L_{B_t+1}(θ′)⟩ per group, read from ``.grad``, and update φ.
+
+        The step already taken is not rescaled: the gradient in ``.grad`` was computed at it, and the step that
+        follows uses the updated φ. Under the Trainer, ``.grad`` is the reduced, unscaled and clipped gradient.
+        """
+        pending, self._pending = self._pending, None
+        meta_grad = pending.meta_grad.clone()
+        for index, (params, deltas) in enumerate(zip(_split(pending.params, pending.sizes), _split(pending.deltas, pending.sizes))):
+            dots = [_dot(delta, p.grad) for p, delta in zip(params, deltas) if p.grad is not None]
+            if dots:
+                meta_grad[index] += torch.stack(dots).sum().to(meta_grad.dtype)
+        self._apply_meta_gradient(meta_grad, pending.objective)
+
+    def _apply_meta_gradient(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> list[float] | None:
+        """Reduce over ranks, guard, an Adam step on φ and the clamp; the change of φ per group (None: skipped)."""
         self.last_meta_gradient = meta_grad.detach().cpu()
         if not self._reduce_and_check(meta_grad, objective):
-            return
-
+            return None
         previous = self.log_lr.tolist()
         self.log_lr.grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
         self.meta_optimizer.step()
         self.log_lr.grad = None
         self.log_lr.clamp_(*self.log_lr_range)
         self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
-
-        # Rescale the step already taken to the one the new φ gives: θ′ += Δ · (exp(φ_new − φ) − 1).
-        changes = [new - old for new, old in zip(self.log_lr.tolist(), previous)]
-        for group, group_deltas, change in zip(groups, _split(deltas, sizes), changes):
-            correction = math.expm1(change)
-            if group and correction != 0.0:
-                torch._foreach_add_(group, group_deltas, alpha=correction)
+        return [new - old for new, old in zip(self.log_lr.tolist(), previous)]
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus an ``apo`` entry (φ, meta-Adam state, counters, last batch)."""
+        """The base optimizer's state dict plus an ``apo`` entry (φ, meta-Adam state, counters, last batch, and for
+        ``loss_batch="next"`` the look-ahead awaiting the next gradient: Δ, one copy of the parameters)."""
         state = self.base_optimizer.state_dict()
         state["apo"] = {
             **self._meta_state(),
             "log_lr": self.log_lr.clone(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
+            "pending": self._pending_state(),
         }
         return state
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _pending_state(self) -> dict[str, Any] | None:
+        pending = self._pending
+        if pending is None:
+            return None
+        position = {id(p): index for index, p in enumerate(self._all_params())}
+        return {
+            "param_indices": [position[id(p)] for p in pending.params],
+            "sizes": list(pending.sizes),
+            "deltas": [d.clone() for d in pending.deltas],
+            "meta_grad": pending.meta_grad.clone(),
+            "objective": pending.objective.clone(),
+        }
+
+    def _load_pending_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self._pending = None
+            return
+        all_params = self._all_params()
+        params = [all_params[index] for index in state["param_indices"]]
+        device = params[0].device if params else torch.device("cpu")
+        self._pending = _Lookahead(
+            params=params,
+            sizes=list(state["sizes"]),
+            deltas=[d.to(device=p.device, dtype=p.dtype) for d, p in zip(state["deltas"], params)],
+            meta_grad=state["meta_grad"].to(device),
+            objective=state["objective"].to(device),
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
@@ -207,6 +280,7 @@ class APOLR(MetaLearnedOptimizer):
         self.log_lr.copy_(apo["log_lr"].to(device="cpu", dtype=torch.float32))
         self.meta_optimizer.load_state_dict(apo["meta_optimizer"])
         self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
+        self._load_pending_state(apo.get("pending"))
 
     def metrics(self) -> dict[str, float]:
         metrics = super().metrics()
@@ -217,6 +291,25 @@ class APOLR(MetaLearnedOptimizer):
                 metrics[f"apo/lr_multiplier_group{index}"] = multiplier
         metrics["apo/learning_rate"] = self.param_groups[0]["lr"] * multipliers[0]
         return metrics
+
+
+@dataclass
+class _Lookahead:
+    """A look-ahead step θ′ = θ + Δ(φ) and the part of ∂Q/∂φ evaluated at it (per parameter group)."""
+
+    params: list[torch.Tensor]  # the parameters the step updated, group after group
+    sizes: list[int]  # how many of them belong to each group
+    deltas: list[torch.Tensor]  # Δ per parameter
+    meta_grad: torch.Tensor  # ⟨Δ, v⟩ + λ_WSD‖Δ‖² per group, v the look-ahead gradient of the terms evaluated
+    objective: torch.Tensor  # the value of those terms
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ in at least float32 (bf16/fp16 products are summed in float32)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype == dtype and b.dtype == dtype:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a.to(dtype) * b.to(dtype)).sum()
 
 
 def _split(items: list, sizes: list[int]) -> list[list]:

@@ -100,7 +100,7 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         return (
             self.meta_lr > 0
             and self.objective is not None
-            and self._current_batch is not None
+            and (self._current_batch is not None or not self.objective.needs_batches)
             and self.step_count % self.meta_interval == 0
         )
 

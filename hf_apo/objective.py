@@ -9,10 +9,17 @@ with B′ a different (meta) batch. Since g = ∇L_B(θ) does not depend on φ, 
 target distribution, one forward/backward at θ′); the optimizers own ∂Δ/∂φ and the weight-space term,
 whose gradient λ_WSD · Δ they know in closed form.
 
-Why both λ's may not be zero by default: L_B(θ′) is evaluated on the same batch B that produced the
-gradient, so on its own it rewards far too large a step (the learned learning rate runs away). The
-function-space term λ_FSD (in nats per target token, portable across models) or the weight-space term λ_WSD
-(scale depends on the parameter count) is what regularises the step.
+Two estimators of the loss term (``loss_batch``):
+
+* ``"same"`` (the paper's): L_B(θ′) on the batch B that produced the gradient. On its own it rewards far too large
+  a step (θ′ over-fits B and the learned learning rate runs away), so λ_FSD (in nats per target token, portable
+  across models) or λ_WSD (scale depends on the parameter count) must regularise it; both at 0 warns.
+* ``"next"``: L_{B_{t+1}}(θ′) on the *next* training batch. Its gradient at θ′ is the one the training loop computes
+  anyway, so the loss part of the meta-gradient, ⟨∂Δ/∂φ, ∇L_{B_{t+1}}(θ′)⟩, costs dot products only and the
+  optimizer applies it one step late (hypergradient descent, Baydin et al. 2018). A fresh batch does not reward
+  over-fitting, so λ = 0 is sound (the greedy one-step objective); its known bias is the opposite one, towards
+  too small a step over long horizons (Wu et al. 2018). Here this module computes only the proximity terms' part
+  of v (the optimizer reads the loss part from ``.grad`` at the next step), and none when both λ are 0.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ ForwardFn = Callable[[nn.Module, Batch], Any]
 DivergenceFn = Callable[[Any, Any, Batch], torch.Tensor]
 
 DIVERGENCES = ("kl", "squared_error")
+LOSS_BATCHES = ("same", "next")
 
 
 def default_forward(model: nn.Module, batch: Batch) -> Any:
@@ -139,6 +147,9 @@ class ProximalObjective:
         label_shift: 1 for causal language models, whose logits at position t predict label t + 1; 0 for
             encoder-decoder and classification models.
         output_key: where the output distribution lives in ``outputs`` (``"logits"``).
+        loss_batch: ``"same"`` scores the loss term on the batch B that produced the gradient (the paper);
+            ``"next"`` on the next training batch, read from the gradient the loop computes there (see the module
+            docstring; supported by :class:`~hf_apo.APOLR`).
 
     The meta forwards run in eval mode (dropout off, so D(f(θ) ‖ f(θ)) = 0 and finite differences agree);
     the caller's mode is restored afterwards.
@@ -153,7 +164,10 @@ class ProximalObjective:
         forward: ForwardFn | None = None,
         label_shift: int = 0,
         output_key: str = "logits",
+        loss_batch: str = "same",
     ):
+        if loss_batch not in LOSS_BATCHES:
+            raise ValueError(f"loss_batch must be one of {LOSS_BATCHES}, got {loss_batch!r}.")
         if lambda_fsd < 0:
             raise ValueError(f"lambda_fsd must be >= 0, got {lambda_fsd}.")
         if lambda_wsd < 0:
@@ -162,11 +176,11 @@ class ProximalObjective:
             raise ValueError(f"divergence must be one of {DIVERGENCES} or a callable, got {divergence!r}.")
         if label_shift not in (0, 1):
             raise ValueError(f"label_shift must be 0 or 1, got {label_shift}.")
-        if lambda_fsd == 0 and lambda_wsd == 0:
+        if lambda_fsd == 0 and lambda_wsd == 0 and loss_batch == "same":
             warnings.warn(
-                "APO with lambda_fsd = lambda_wsd = 0: the meta-objective is then the loss on the same batch that "
-                "produced the gradient, which rewards far too large a step; expect the learned learning rate to "
-                "run away. Set lambda_fsd > 0 (e.g. 10) or lambda_wsd > 0.",
+                "APO with lambda_fsd = lambda_wsd = 0 and loss_batch='same': the meta-objective is then the loss on "
+                "the same batch that produced the gradient, which rewards far too large a step; expect the learned "
+                "learning rate to run away. Set lambda_fsd > 0 (e.g. 10) or lambda_wsd > 0, or use loss_batch='next'.",
                 stacklevel=2,
             )
         self.model = model
@@ -176,10 +190,16 @@ class ProximalObjective:
         self.forward = forward or default_forward
         self.label_shift = label_shift
         self.output_key = output_key
+        self.loss_batch = loss_batch
 
     @property
     def uses_meta_batch(self) -> bool:
         return self.lambda_fsd > 0
+
+    @property
+    def needs_batches(self) -> bool:
+        """Whether a meta step needs the observed batches (not for ``"next"`` with λ_FSD = 0: dot products only)."""
+        return self.loss_batch == "same" or self.uses_meta_batch
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -237,12 +257,15 @@ class ProximalObjective:
     def lookahead_gradient(
         self,
         params: Sequence[torch.Tensor],
-        batch: Batch,
+        batch: Batch | None,
         meta_batch: Batch | None,
         target: Any,
         into_grad: bool = False,
     ) -> MetaStepResult:
         """Q_partial = L_B(θ′) + λ_FSD · D and v = ∇_{θ′} Q_partial, with the model's parameters at θ′.
+
+        ``batch`` None leaves out the loss term (``loss_batch="next"``: the optimizer takes it from the next step's
+        gradient), so only the function-space term is evaluated.
 
         By default the gradients come from ``torch.autograd.grad``, so the ``.grad`` of the real step is left
         untouched. With ``into_grad=True`` (for a caller that has already used g) the ``.grad`` buffers are freed
@@ -256,12 +279,16 @@ class ProximalObjective:
             for p in params:
                 p.grad = None  # freed, not zeroed: backward allocates v as it goes, as a training backward does
         with torch.enable_grad(), self._eval_mode():
-            loss = self._loss(self.forward(self.model, batch))
+            if batch is None:
+                loss = torch.zeros((), device=params[0].device if params else None)
+            else:
+                loss = self._loss(self.forward(self.model, batch))
             if not into_grad:
                 objective = loss + self._function_space_term(meta_batch, target)
                 grads = torch.autograd.grad(objective, params, allow_unused=True)
                 return MetaStepResult(objective=objective.detach(), lookahead_grads=list(grads))
-            loss.backward(inputs=params)
+            if batch is not None:
+                loss.backward(inputs=params)
             objective = loss.detach()
             if self.uses_meta_batch:
                 fsd = self._function_space_term(meta_batch, target)

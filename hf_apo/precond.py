@@ -80,6 +80,11 @@ class APOPrecond(MetaLearnedOptimizer):
             raise ValueError(f"max_factor_dim must be an integer >= 1, got {max_factor_dim!r}.")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults)
+        if objective is not None and objective.loss_batch != "same":
+            raise ValueError(
+                "APO-Precond scores the loss term on the same batch (loss_batch='same'); loss_batch='next' is "
+                "supported by APO-LR only."
+            )
         self._init_meta(objective, meta_interval, meta_lr, meta_batch_fraction, meta_betas)
         self.max_factor_dim = max_factor_dim
         params_in_order = [p for group in self.param_groups for p in group["params"]]

@@ -8,10 +8,12 @@ import torch
 from helpers_subprocess import result, train
 
 
-@pytest.mark.parametrize("apo", ["lr", "precond"])
+@pytest.mark.parametrize("apo", ["lr", "lr_next", "precond"])
 def test_two_processes_match_each_other_and_one_process(tmp_path, apo):
-    args = ["--max_steps", "6", "--save_strategy", "no", "--apo", apo, "--apo_meta_interval", "2",
-            "--apo_meta_batch_fraction", "1.0"]
+    args = ["--max_steps", "6", "--save_strategy", "no", "--apo", apo.removesuffix("_next"), "--apo_meta_interval",
+            "2", "--apo_meta_batch_fraction", "1.0"]
+    if apo == "lr_next":  # the loss part from the (reduced) next gradient, the KL part all-reduced by APO
+        args += ["--apo_loss_batch", "next", "--apo_lambda_fsd", "1", "--apo_meta_interval", "1"]
     if apo == "precond":
         args += ["--optim", "sgd", "--optim_args", "momentum=0.9", "--apo_meta_lr", "0.05"]
     else:
@@ -23,7 +25,7 @@ def test_two_processes_match_each_other_and_one_process(tmp_path, apo):
     assert all(torch.equal(a, b) for a, b in zip(rank0["meta"], rank1["meta"]))
     assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"]))
     # Meta-learning happened (φ moved away from its start) and agrees with the single-process run.
-    start = 0.0 if apo == "lr" else None
+    start = 0.0 if apo != "precond" else None
     if start is not None:
         assert rank0["meta"][0].abs().min() > 0.1
     else:

@@ -38,7 +38,7 @@ def forward_outputs(model, batch):
     return model(**batch)
 
 
-def reference_q(model_theta, model_lookahead, batch, meta_batch):
+def reference_q(model_theta, model_lookahead, batch, meta_batch, lambda_fsd=LAMBDA_FSD, lambda_wsd=LAMBDA_WSD):
     model_theta.eval()
     model_lookahead.eval()
     with torch.no_grad():
@@ -49,7 +49,7 @@ def reference_q(model_theta, model_lookahead, batch, meta_batch):
         distance = sum(
             (a - b).pow(2).sum() for a, b in zip(model_lookahead.parameters(), model_theta.parameters())
         )
-    return float(loss + LAMBDA_FSD * kl + 0.5 * LAMBDA_WSD * distance)
+    return float(loss + lambda_fsd * kl + 0.5 * lambda_wsd * distance)
 
 
 def make_problem(kind):

@@ -8,10 +8,13 @@ import torch
 from helpers_subprocess import result, train
 
 
-@pytest.mark.parametrize("apo", ["lr", "precond"])
+@pytest.mark.parametrize("apo", ["lr", "lr_next", "precond"])
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path, apo):
+    interval = "5" if apo == "lr_next" else "3"  # lr_next: checkpoint-5 holds a look-ahead awaiting step 6's gradient
     args = ["--max_steps", "12", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
-            "--save_steps", "5", "--apo", apo, "--apo_meta_interval", "3", "--dropout", "0.1"]
+            "--save_steps", "5", "--apo", apo.removesuffix("_next"), "--apo_meta_interval", interval, "--dropout", "0.1"]
+    if apo == "lr_next":
+        args += ["--apo_loss_batch", "next", "--apo_lambda_fsd", "0"]
     if apo == "precond":
         args += ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.05"]
     train(tmp_path / "straight", *args)
@@ -26,4 +29,4 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, apo):
     assert all(torch.equal(a, b) for a, b in zip(straight["params"], resumed["params"]))
     assert all(torch.equal(a, b) for a, b in zip(straight["meta"], resumed["meta"]))
     meta_steps = [h["apo/meta_steps"] for h in resumed["log_history"] if "apo/meta_steps" in h]
-    assert meta_steps[-1] == 4
+    assert meta_steps[-1] == (2 if apo == "lr_next" else 4)

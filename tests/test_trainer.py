@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from hf_apo import APOLR, APOPrecond, APOSeq2SeqTrainer, APOSeq2SeqTrainingArguments, APOTrainer, APOTrainingArguments
+from hf_apo.apo_config import APO_DEFAULTS
 from tiny import VOCAB, CopyDataset, tiny_t5
 
 
@@ -169,6 +170,8 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
         ({"apo": "lr", "apo_meta_lr": -1.0}, "--apo_meta_lr"),
         ({"apo": "lr", "apo_meta_batch_fraction": 0.0}, "--apo_meta_batch_fraction"),
         ({"apo": "adam"}, "--apo"),
+        ({"apo": "lr", "apo_loss_batch": "previous"}, "--apo_loss_batch"),
+        ({"apo": "precond", "optim": "sgd", "apo_loss_batch": "next"}, "--apo_loss_batch next"),
         ({"apo": "lr", "deepspeed": "ds_config.json"}, "DeepSpeed"),
         ({"apo": "lr", "fsdp": "full_shard"}, "FSDP"),
     ],
@@ -190,10 +193,17 @@ def test_help_lists_apo_flags():
     parser = HfArgumentParser(APOSeq2SeqTrainingArguments)
     text = parser.format_help()
     for flag in ("--apo {none,lr,precond}", "--apo_meta_interval", "--apo_meta_lr", "--apo_lambda_fsd",
-                 "--apo_lambda_wsd", "--apo_meta_batch_fraction", "--apo_lr_clamp", "--apo_max_factor_dim"):
+                 "--apo_lambda_wsd", "--apo_meta_batch_fraction", "--apo_lr_clamp", "--apo_max_factor_dim",
+                 "--apo_loss_batch {same,next}"):
         assert flag in text
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "lr", "--apo_lambda_fsd", "3"])
-    assert args.apo == "lr" and args.apo_lambda_fsd == 3.0 and args.apo_effective_meta_lr == 0.1
+    assert args.apo == "lr" and args.apo_lambda_fsd == 3.0 and args.apo_setting("apo_lambda_fsd") == 3.0
+    assert args.apo_effective_meta_lr == APO_DEFAULTS["lr"]["apo_meta_lr"]
+    # Unset flags take their mode's default; what the user sets wins.
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "precond", "--optim", "sgd",
+                                                  "--apo_meta_interval", "4"])
+    assert args.apo_setting("apo_meta_interval") == 4
+    assert args.apo_setting("apo_loss_batch") == "same" and args.apo_effective_meta_lr == 3e-3
 
 
 def test_predict_with_generate_is_untouched(tmp_path):

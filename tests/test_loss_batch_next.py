@@ -1,0 +1,144 @@
+"""APO-LR with ``loss_batch="next"``: the loss term scored on the next training batch, from its gradient.
+
+The reference is slow and obvious: for a perturbed φ it rebuilds θ′ = θ + Δ(φ) from scratch (a deep copy of the
+model and a fresh torch optimizer loaded with the base state) and evaluates
+
+    Q(φ) = L_{B_t+1}(θ′) + λ_FSD · KL(f(B′; θ) ‖ f(B′; θ′)) + λ_WSD/2 · ‖θ′ − θ‖²
+
+with B_t+1 the batch of the *following* step. The fast path (dot products with the gradient the loop computes at
+θ′, plus the KL look-ahead on B′) is applied one step late and must agree to < 1e-5 relative error.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from hf_apo import APOLR, APOPrecond, ProximalObjective
+from test_meta_gradient import BASES, H, LAMBDA_FSD, LAMBDA_WSD, make_problem, reference_q, set_grads, two_groups
+from test_reduction import groups, mlp_batches, round_trip, run, seq2seq_batches
+from tiny import MLP, tiny_t5
+
+
+@pytest.mark.parametrize("kind", ["mlp", "bart"])
+@pytest.mark.parametrize("base_name", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize("lambdas", [(LAMBDA_FSD, LAMBDA_WSD), (0.0, 0.0)], ids=["proximity", "loss_only"])
+def test_delayed_meta_gradient_matches_finite_differences(kind, base_name, lambdas):
+    lambda_fsd, lambda_wsd = lambdas
+    model, batches = make_problem(kind)
+    base_cls, base_kwargs = BASES[base_name]
+    base = base_cls(two_groups(model), **base_kwargs)
+    objective = ProximalObjective(model, lambda_fsd=lambda_fsd, lambda_wsd=lambda_wsd, loss_batch="next")
+    optimizer = APOLR(base, objective, meta_interval=3, meta_lr=0.05, meta_batch_fraction=0.5)
+    for batch in batches[:2]:  # two plain steps: non-trivial moments and momentum buffers
+        set_grads(model, batch)
+        optimizer.observe(batch)
+        optimizer.step()
+    set_grads(model, batches[2])
+    optimizer.observe(batches[2])
+    model_theta = copy.deepcopy(model)
+    base_state = copy.deepcopy(base.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    meta_batch = {k: v[: len(v) // 2] for k, v in batches[1].items()}  # B′: the batch before B, cut in half
+    next_batch = batches[3]
+
+    optimizer.step()  # step 3 is the look-ahead: φ is not updated yet
+    assert optimizer.meta_steps == 0 and optimizer.lr_multipliers == [1.0, 1.0]
+    set_grads(model, next_batch)  # the loop's next backward: ∇L_{B_t+1} at θ′
+    optimizer.observe(next_batch)
+    optimizer.step()  # finishes the meta step with that gradient, then takes the plain step 4
+    assert optimizer.meta_steps == 1
+    fast = optimizer.last_meta_gradient.double()
+
+    def q_at(log_lr):
+        lookahead = copy.deepcopy(model_theta)
+        reference_base = base_cls(two_groups(lookahead), **base_kwargs)
+        reference_base.load_state_dict(copy.deepcopy(base_state))
+        for group, phi in zip(reference_base.param_groups, log_lr):
+            group["lr"] = group["lr"] * torch.tensor(phi, dtype=torch.float64).exp().item()
+        for p, g in zip(lookahead.parameters(), grads):
+            p.grad = g.clone()
+        reference_base.step()
+        return reference_q(model_theta, lookahead, next_batch, meta_batch, lambda_fsd, lambda_wsd)
+
+    for index in range(2):
+        plus, minus = [0.0, 0.0], [0.0, 0.0]
+        plus[index], minus[index] = H, -H
+        finite_difference = (q_at(plus) - q_at(minus)) / (2 * H)
+        relative_error = abs(fast[index].item() - finite_difference) / abs(finite_difference)
+        assert relative_error < 1e-5, (index, fast[index].item(), finite_difference, relative_error)
+
+
+def test_next_with_zero_lambdas_is_dot_products_only():
+    """No forward of its own, no observed batch needed, no warning: the model runs only in the training loop."""
+    model = MLP()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        objective = ProximalObjective(model, lambda_fsd=0.0, lambda_wsd=0.0, loss_batch="next")
+    optimizer = APOLR(model.parameters(), objective, lr=1e-4, meta_interval=1, meta_lr=0.05)
+    run(model, optimizer, mlp_batches(1) * 30, observe=False)  # one batch to fit: 1e-4 is far too small
+    assert len(calls) == 30
+    assert optimizer.meta_steps == 29  # the last look-ahead awaits a 31st gradient
+    assert optimizer.lr_multipliers[0] > 2.0  # every meta-gradient said "larger": φ rose ~0.05 per meta step
+
+
+def test_same_batch_with_zero_lambdas_still_warns():
+    with pytest.warns(UserWarning, match="loss_batch='next'"):
+        ProximalObjective(MLP(), lambda_fsd=0.0, lambda_wsd=0.0)
+
+
+def test_precond_refuses_next():
+    model = MLP()
+    with pytest.raises(ValueError, match="loss_batch='next'"):
+        APOPrecond(model.parameters(), ProximalObjective(model, loss_batch="next"), lr=0.1)
+
+
+def test_unknown_loss_batch_is_refused():
+    with pytest.raises(ValueError, match="loss_batch"):
+        ProximalObjective(MLP(), loss_batch="previous")
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd_momentum"])
+def test_next_without_meta_learning_is_the_torch_optimizer_bitwise(name):
+    from test_reduction import REFERENCES
+
+    cls, kwargs = REFERENCES[name]
+    reference_model, model = MLP(), MLP()
+    expected = run(reference_model, cls(groups(reference_model), **kwargs), mlp_batches(), observe=False)
+    objective = ProximalObjective(model, lambda_fsd=0.0, loss_batch="next")
+    optimizer = APOLR(cls(groups(model), **kwargs), objective, meta_lr=0.0, meta_interval=1)
+    got = run(model, optimizer, mlp_batches())
+    assert optimizer.meta_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("lambda_fsd, interval", [(0.0, 1), (1.0, 3)])
+def test_state_dict_round_trip_with_a_pending_lookahead_continues_bitwise(lambda_fsd, interval):
+    """The checkpoint falls between a look-ahead and the gradient that finishes it: Δ travels in the state dict."""
+    batches = seq2seq_batches(16)
+
+    def build(model):
+        objective = ProximalObjective(model, lambda_fsd=lambda_fsd, lambda_wsd=0.1, loss_batch="next")
+        return APOLR(model.parameters(), objective, base="adamw", lr=1e-3, meta_interval=interval, meta_lr=0.1)
+
+    uninterrupted_model = tiny_t5()
+    uninterrupted = build(uninterrupted_model)
+    expected = run(uninterrupted_model, uninterrupted, batches)
+
+    first_model = tiny_t5()
+    first = build(first_model)
+    run(first_model, first, batches[:9])  # step 9 was a look-ahead (9 % K == 0): it awaits step 10's gradient
+    assert first._pending is not None
+    state = round_trip(first.state_dict())
+
+    resumed_model = tiny_t5()
+    resumed_model.load_state_dict(copy.deepcopy(first_model.state_dict()))
+    resumed = build(resumed_model)
+    resumed.load_state_dict(state)
+    got = run(resumed_model, resumed, batches[9:])
+    assert resumed.meta_steps == uninterrupted.meta_steps > 0
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(resumed.log_lr, uninterrupted.log_lr)
