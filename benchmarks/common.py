@@ -54,6 +54,7 @@ class MethodSpec:
     meta_batch_fraction: float = 0.25
     lambda_fsd: float = 10.0
     lambda_wsd: float = 0.0
+    loss_batch: str = "same"
     max_factor_dim: int = 1024
 
     @property
@@ -89,7 +90,8 @@ def build_optimizer(
     wd = spec.weight_decay
     if spec.kind in ("apo_lr", "apo_precond"):
         objective = ProximalObjective(
-            model, lambda_fsd=spec.lambda_fsd, lambda_wsd=spec.lambda_wsd, divergence=divergence, forward=forward
+            model, lambda_fsd=spec.lambda_fsd, lambda_wsd=spec.lambda_wsd, divergence=divergence, forward=forward,
+            loss_batch=spec.loss_batch,
         )
         meta = dict(meta_interval=spec.meta_interval, meta_batch_fraction=spec.meta_batch_fraction)
         if spec.meta_lr is not None:
