@@ -6,6 +6,7 @@ cores. ``HF_HOME`` points to a temporary directory so that no cache outside the 
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -178,6 +179,77 @@ def test_bad_input_ends_with_one_error_line(case, apo_lr_run, hf_home, tmp_path)
     assert len(error_lines) == 1
     assert result.stderr.splitlines()[-1] == error_lines[0]
     assert error_lines[0].startswith(expected)
+
+
+# Texts that a reader left to infer types takes for something else: pyarrow's JSON reader types a column of ISO dates
+# as timestamps, pandas' CSV reader a column of numbers as ints or floats ("007" -> 7, "1.50" -> 1.5) and reads
+# "None", "NA", "null" as empty cells. Each list is one type throughout, as the inference needs.
+TEXT_THAT_LOOKS_TYPED = {
+    "dates": [
+        {"en": "the first of March 2024", "de": "2024-03-01"},
+        {"en": "the second of March 2024", "de": "2024-03-02"},
+        {"en": "noon on the first of March 2024", "de": "2024-03-01T12:00:00"},
+        {"en": "New Year's Eve 1999", "de": "1999-12-31"},
+    ],
+    "numbers": [
+        {"en": "forty-two", "de": "42"},
+        {"en": "zero zero seven", "de": "007"},
+        {"en": "one point five zero", "de": "1.50"},
+        {"en": "one thousand", "de": "1e3"},
+    ],
+    "missing_value_words": [
+        {"en": "None", "de": "keine"},
+        {"en": "NA", "de": "NA"},
+        {"en": "null", "de": "null"},
+        {"en": "nan", "de": "nan"},
+    ],
+}
+
+
+def write_pairs(path, pairs):
+    """``pairs`` as JSON lines (.jsonl) or as a CSV file (.csv), every value written as a string."""
+    if path.suffix == ".csv":
+        path.write_text("en,de\n" + "".join(f"{pair['en']},{pair['de']}\n" for pair in pairs), encoding="utf-8")
+    else:
+        write_jsonl(path, [{"translation": pair} for pair in pairs])
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_translation_module():
+    """``run_translation`` imported in this process (it imports its sibling modules by their bare names)."""
+    sys.path.insert(0, str(EXAMPLE_DIR))
+    try:
+        import run_translation
+    finally:
+        sys.path.remove(str(EXAMPLE_DIR))
+    return run_translation
+
+
+@pytest.mark.parametrize("kind", list(TEXT_THAT_LOOKS_TYPED))
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_data_files_are_read_as_text(suffix, kind, run_translation_module, tmp_path):
+    pairs = TEXT_THAT_LOOKS_TYPED[kind]
+    data_file = write_pairs(tmp_path / f"data{suffix}", pairs)
+    dataset = run_translation_module.load_data_file(
+        f"--train_file {data_file}", str(data_file), ("en", "de"), str(tmp_path / "cache")
+    )
+    assert dataset["translation"][:] == pairs
+
+
+def test_training_on_dates_and_numbers(apo_lr_run, hf_home, tmp_path):
+    train_file = write_pairs(tmp_path / "train.jsonl", TEXT_THAT_LOOKS_TYPED["dates"])
+    validation_file = write_pairs(tmp_path / "validation.csv", TEXT_THAT_LOOKS_TYPED["numbers"])
+    output_dir = tmp_path / "out"
+    args = ["--model_name_or_path", apo_lr_run, "--source_lang", "en", "--target_lang", "de"]
+    args += ["--train_file", train_file, "--validation_file", validation_file, "--do_train", "--do_eval"]
+    args += ["--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no"]
+    args += ["--predict_with_generate", "--generation_max_length", "8", "--output_dir", output_dir]
+    result = run_script(RUN_TRANSLATION, args, hf_home)
+    check_success(result)
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_samples"] == len(TEXT_THAT_LOOKS_TYPED["numbers"])
+    assert math.isfinite(results["train_loss"]) and math.isfinite(results["eval_loss"])
 
 
 def test_plot_training_reports_a_missing_state_file(hf_home, tmp_path):

@@ -27,10 +27,14 @@ from dataclasses import dataclass, field
 import datasets
 import evaluate
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as paj
 import torch
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.table import InMemoryTable
 from huggingface_hub import constants as hub_constants
 from transformers import (
     AutoConfig,
@@ -685,26 +689,76 @@ def load_raw_datasets(model_args: ModelArguments, data_args: DataTrainingArgumen
 
 
 def load_data_file(source: str, path: str, languages: tuple, cache_dir: str | None) -> Dataset:
-    """One JSON lines or CSV file as a dataset with a checked "translation" column; ``source`` names it in errors."""
+    """One JSON lines or CSV file as a dataset with a checked "translation" column; ``source`` names it in errors.
+
+    The language fields are read as text (``Value("string")``), whatever they look like: left to infer types, the
+    readers would take a target "2024-03-01" for a timestamp (pyarrow, JSON) and "007" for the number 7 (pandas, CSV).
+    """
     if not os.path.isfile(path):
         raise InputError(f"{source}: no such file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{source}: the file is not readable")
-    file_format = "csv" if path.lower().endswith(".csv") else "json"
+    if path.lower().endswith(".csv"):
+        return load_csv_file(source, path, languages, cache_dir)
+    return load_json_lines_file(source, path, languages, cache_dir)
+
+
+def string_features(languages: tuple) -> datasets.Features:
+    """``{language: Value("string")}`` for each of ``languages``."""
+    return datasets.Features({language: datasets.Value("string") for language in languages})
+
+
+def load_with_datasets(source: str, file_format: str, path: str, cache_dir: str | None, **kwargs) -> Dataset:
+    """``load_dataset(file_format)`` on one file; a file it cannot read becomes an :class:`InputError`."""
     try:
-        dataset = load_dataset(file_format, data_files={"data": path}, split="data", cache_dir=cache_dir)
+        return load_dataset(file_format, data_files={"data": path}, split="data", cache_dir=cache_dir, **kwargs)
     except Exception as err:  # datasets wraps the parser's error; its cause says what is wrong with the file
         raise InputError(f"{source}: not a valid {file_format.upper()} file: {first_line(err)}") from err
-    if file_format == "json":
-        check_translation_column(dataset, source, languages)
-        return dataset
 
+
+def load_json_lines_file(source: str, path: str, languages: tuple, cache_dir: str | None) -> Dataset:
+    """A JSON lines file of ``{"translation": {language: str}}`` records, read with the languages typed as strings.
+
+    The ``datasets`` JSON loader infers the types first and casts to given features afterwards (a timestamp cast to a
+    string is "2024-03-01 00:00:00"), so the file is parsed with pyarrow and an explicit schema, keeping only the
+    languages of the "translation" records. A file that does not parse that way (a value that is not a string, a
+    JSON array, no "translation" key at all, ...) goes through ``datasets`` as before, and
+    :func:`check_translation_column` names what is wrong with it.
+    """
+    features = datasets.Features({"translation": string_features(languages)})
+    parse_options = paj.ParseOptions(explicit_schema=features.arrow_schema, unexpected_field_behavior="ignore")
+    try:
+        table = paj.read_json(path, parse_options=parse_options)
+    except pa.ArrowException:
+        table = None
+    if table is not None and table.column("translation").null_count < table.num_rows:
+        dataset = Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+    else:
+        dataset = load_with_datasets(source, "json", path, cache_dir)
+    check_translation_column(dataset, source, languages)
+    return dataset
+
+
+def load_csv_file(source: str, path: str, languages: tuple, cache_dir: str | None) -> Dataset:
+    """A CSV file with one column per language code, as a dataset with a "translation" column.
+
+    The language columns are read as strings, and only an empty cell is missing: pandas would otherwise read "42" as
+    a number and "None", "NA" or "null" as missing values. The other columns are dropped.
+    """
+    try:
+        columns = [str(column) for column in pd.read_csv(path, nrows=0).columns]
+    except Exception as err:  # pandas' parser errors, a file that is not text, ...
+        raise InputError(f"{source}: not a valid CSV file: {first_line(err)}") from err
     for language in languages:
-        if language not in dataset.column_names:
+        if language not in columns:
             raise InputError(
-                f'{source}: no "{language}" column (columns: {", ".join(dataset.column_names)}); a CSV file needs '
-                "one column per language code"
+                f'{source}: no "{language}" column (columns: {", ".join(columns)}); a CSV file needs one column per '
+                "language code"
             )
+    dataset = load_with_datasets(
+        source, "csv", path, cache_dir, features=string_features(languages), keep_default_na=False, na_values=[""]
+    )
+    for language in languages:
         first_missing = first_true(pc.is_null(dataset.data.column(language)))
         if first_missing is not None:
             raise InputError(f'{source}: row {first_missing + 1} has an empty "{language}" cell')
