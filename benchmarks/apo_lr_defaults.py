@@ -89,6 +89,12 @@ CANDIDATES: dict[str, dict] = {
     "next_fsd10": dict(loss_batch="next", lambda_fsd=10.0),
     "next_fsd0_K1_mlr0.01": dict(loss_batch="next", lambda_fsd=0.0, meta_interval=1, meta_lr=0.01),
     "next_fsd0_K1_mlr0.03": dict(loss_batch="next", lambda_fsd=0.0, meta_interval=1, meta_lr=0.03),
+    # Added while stage 1 ran (the rule unchanged): the one-step "next" objective decayed the learned LR ~50× below
+    # the best fixed LR on digits_autoencoder; a prototype of the discounted multi-step objective, tried on the
+    # three small tasks from 2 initial LRs (1 seed), did not.
+    "next_h1000_K1_mlr0.01": dict(loss_batch="next", lambda_fsd=0.0, horizon=1000, meta_interval=1, meta_lr=0.01),
+    "next_h1000": dict(loss_batch="next", lambda_fsd=0.0, horizon=1000),
+    "next_h10000": dict(loss_batch="next", lambda_fsd=0.0, horizon=10000),
 }
 PAPER = "same_fsd10"
 FINALISTS_FROM_STAGE_1 = 3
@@ -108,10 +114,10 @@ def candidate_spec(name: str, lr: float) -> MethodSpec:
 
 def apo_trainer_args(name: str) -> dict:
     """A candidate as ``--apo_*`` Trainer flags."""
-    settings = {"meta_interval": 10, "meta_lr": 0.1, "lambda_wsd": 0.0, **CANDIDATES[name]}
+    settings = {"meta_interval": 10, "meta_lr": 0.1, "lambda_wsd": 0.0, "horizon": 1.0, **CANDIDATES[name]}
     return {"apo": "lr", "apo_loss_batch": settings["loss_batch"], "apo_lambda_fsd": settings["lambda_fsd"],
             "apo_lambda_wsd": settings["lambda_wsd"], "apo_meta_interval": settings["meta_interval"],
-            "apo_meta_lr": settings["meta_lr"]}
+            "apo_meta_lr": settings["meta_lr"], "apo_horizon": settings["horizon"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,7 +315,7 @@ def main(argv=None) -> None:
     else:
         from benchmarks.apo_lr_report import write_report
 
-        write_report(args.output_dir, args.quick, environment(args.threads))
+        write_report(args.output_dir, args.quick, environment())
 
 
 if __name__ == "__main__":

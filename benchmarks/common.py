@@ -55,6 +55,7 @@ class MethodSpec:
     lambda_fsd: float = 10.0
     lambda_wsd: float = 0.0
     loss_batch: str = "same"
+    horizon: float = 1.0
     max_factor_dim: int = 1024
 
     @property
@@ -91,7 +92,7 @@ def build_optimizer(
     if spec.kind in ("apo_lr", "apo_precond"):
         objective = ProximalObjective(
             model, lambda_fsd=spec.lambda_fsd, lambda_wsd=spec.lambda_wsd, divergence=divergence, forward=forward,
-            loss_batch=spec.loss_batch,
+            loss_batch=spec.loss_batch, horizon=spec.horizon,
         )
         meta = dict(meta_interval=spec.meta_interval, meta_batch_fraction=spec.meta_batch_fraction)
         if spec.meta_lr is not None:

@@ -84,6 +84,9 @@ LEVER_METHODS = [
     MethodSpec("apo_lr_k16", "apo_lr", lr=1e-3, meta_interval=16),
     MethodSpec("apo_lr_k16_frac1", "apo_lr", lr=1e-3, meta_interval=16, meta_batch_fraction=1.0),
     MethodSpec("apo_lr_no_fsd", "apo_lr", lr=1e-3, lambda_fsd=0.0, lambda_wsd=1.0),
+    # loss_batch "next" (the loss term from the next step's gradient), without proximity terms: dot products only
+    MethodSpec("apo_lr_next", "apo_lr", lr=1e-3, loss_batch="next", lambda_fsd=0.0),
+    MethodSpec("apo_lr_next_k1", "apo_lr", lr=1e-3, loss_batch="next", lambda_fsd=0.0, meta_interval=1, meta_lr=0.01),
     MethodSpec("apo_precond_frac1", "apo_precond", lr=1e-2, momentum=0.9, meta_batch_fraction=1.0),
     MethodSpec("apo_precond_cap256", "apo_precond", lr=1e-2, momentum=0.9, max_factor_dim=256),
 ]
@@ -375,7 +378,8 @@ def size_result(size: str, methods, runners: list[Runner], param_b: int) -> dict
             # persistent memory: parameters + gradients + optimizer state, over AdamW's
             "state_mem_ratio": (param_b * 2 + state) / (param_b * 2 + adamw_state),
         }
-        if spec.is_apo and runner.meta_times:
+        # the breakdown times a meta step inside one step() call: not loss_batch "next" (spread over two calls)
+        if spec.is_apo and runner.meta_times and spec.loss_batch == "same":
             meta = statistics.median(runner.meta_times)
             plain = statistics.median(runner.plain_times)
             entry["meta_step_median_s"] = meta

@@ -18,8 +18,10 @@ APO_LOSS_BATCHES = ("same", "next")
 # The defaults of the flags left unset, per mode: benchmarks/results/apo_lr_defaults.md (APO-LR) and
 # benchmarks/results/quality.md, "Recommended defaults" (APO-Precond).
 APO_DEFAULTS = {
-    "lr": {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_loss_batch": "same"},
-    "precond": {"apo_meta_lr": 3e-3, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_loss_batch": "same"},
+    "lr": {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_loss_batch": "same",
+           "apo_horizon": 1.0},
+    "precond": {"apo_meta_lr": 3e-3, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_loss_batch": "same",
+                "apo_horizon": 1.0},
 }
 
 
@@ -71,6 +73,14 @@ class APOArgumentsMixin:
     apo_lambda_wsd: float = field(
         default=0.0,
         metadata={"help": "Weight of the weight-space proximity term (1/2)||theta' - theta||^2. Must be >= 0."},
+    )
+    apo_horizon: float | None = field(
+        default=None,
+        metadata={
+            "help": "--apo_loss_batch next: the meta-objective weighs the losses of about this many future steps "
+            "(discount 1 - 1/horizon) instead of the next one only; 1 is the greedy one-step objective, whose "
+            "learned LR decays too early in long runs. >= 1. Default: 1."
+        },
     )
     apo_meta_batch_fraction: float = field(
         default=0.25,
@@ -126,6 +136,12 @@ class APOArgumentsMixin:
             raise ValueError(
                 "--apo_loss_batch next is supported by --apo lr only; --apo precond scores the loss on the same batch. "
                 "Drop --apo_loss_batch or pass --apo_loss_batch same."
+            )
+        if self.apo_horizon is not None and not self.apo_horizon >= 1:
+            raise ValueError(f"--apo_horizon must be >= 1 (optimizer steps); got {self.apo_horizon!r}.")
+        if (self.apo_horizon or 1) > 1 and self.apo_setting("apo_loss_batch") != "next":
+            raise ValueError(
+                "--apo_horizon > 1 weighs future losses read from future gradients: it needs --apo_loss_batch next."
             )
         if not 0 < self.apo_meta_batch_fraction <= 1:
             raise ValueError(f"--apo_meta_batch_fraction must be in (0, 1]; got {self.apo_meta_batch_fraction!r}.")

@@ -77,6 +77,7 @@ class APOTrainerMixin:
             lambda_fsd=args.apo_setting("apo_lambda_fsd"),
             lambda_wsd=args.apo_lambda_wsd,
             loss_batch=args.apo_setting("apo_loss_batch"),
+            horizon=args.apo_setting("apo_horizon"),
             label_shift=1 if opt_model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else 0,
         )
         meta = dict(

@@ -115,6 +115,7 @@ class APOLR(MetaLearnedOptimizer):
         self.meta_optimizer = torch.optim.Adam([self.log_lr], lr=self.meta_lr or 1.0, betas=self.meta_betas)
         self._multipliers = [1.0] * len(self.param_groups)
         self._pending: _Lookahead | None = None  # loss_batch "next": the look-ahead awaiting the next gradient
+        self._displacement: list[torch.Tensor] | None = None  # loss_batch "next": D, the discounted sum of steps
         self._initialized = True
 
     @property
@@ -135,13 +136,18 @@ class APOLR(MetaLearnedOptimizer):
 
     def _update(self, meta_step_due: bool) -> None:
         if self._pending is not None:
-            self._finish_delayed_meta_step()  # loss_batch "next": .grad now holds ∇L_{B_t+1}(θ′)
+            self._finish_delayed_meta_step()  # loss_batch "next": .grad now holds ∇L_{B_t+1}(θ_t+1)
+        track = self._tracks_displacement(meta_step_due)
+        if track:
+            self._displacement_before_step()
         if not meta_step_due:
             self._base_step(self._multipliers)
         elif self.objective.loss_batch == "same":
             self._meta_step()  # takes the base step itself, as the look-ahead
         else:
             self._pending = self._lookahead(score_loss=False)  # finished at the next step, with its gradient
+        if track:
+            self._displacement_after_step()
 
     def _meta_step(self) -> None:
         """loss_batch "same": Q on B at θ′, φ ← φ_new, then the step already taken is rescaled to φ_new."""
@@ -159,11 +165,19 @@ class APOLR(MetaLearnedOptimizer):
         """The base step with the current φ as the look-ahead θ′ = θ + Δ, and the part of ∂Q/∂φ known at θ′.
 
         ``score_loss``: the loss on B at θ′ is part of it (``loss_batch="same"``); for ``"next"`` it comes from the
-        next step's gradient. The function-space term on B′ (λ_FSD > 0) and the weight-space term are always here.
+        next step's gradient. The function-space term on B′ (λ_FSD > 0) and the weight-space term are always here;
+        without them (``"next"``, both λ 0) this is the base step alone.
         """
         groups = [self._params_with_grad(group) for group in self.param_groups]
         sizes = [len(group) for group in groups]
         params = [p for group in groups for p in group]
+        dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
+        device = params[0].device if params else torch.device("cpu")
+        zero = torch.zeros((), dtype=dtype, device=device)
+        wsd = self.objective.lambda_wsd
+        if not (score_loss or self.objective.uses_meta_batch or wsd):
+            self._base_step(self._multipliers)
+            return _Lookahead(params, sizes, [], zero.expand(len(sizes)).clone(), zero)
         batch = meta_batch = target = None
         if self.objective.needs_batches:
             batch, meta_batch = self._meta_batches()
@@ -175,9 +189,6 @@ class APOLR(MetaLearnedOptimizer):
         torch._foreach_sub_(deltas, [p.detach() for p in params])
         torch._foreach_neg_(deltas)  # Δ = θ′ − θ, in place of the copy of θ
 
-        dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
-        device = params[0].device if params else torch.device("cpu")
-        zero = torch.zeros((), dtype=dtype, device=device)
         per_param = [zero] * len(params)
         objective = zero
         if batch is not None or self.objective.uses_meta_batch:
@@ -188,7 +199,6 @@ class APOLR(MetaLearnedOptimizer):
             torch._foreach_mul_([result.lookahead_grads[i] for i in reached], [deltas[i] for i in reached])
             per_param = [zero if v is None else v.sum(dtype=dtype) for v in result.lookahead_grads]
             objective = result.objective.to(dtype)
-        wsd = self.objective.lambda_wsd
         if wsd and params:
             squared = [n.square() for n in torch._foreach_norm(deltas, 2, dtype=dtype)]
             per_param = [dot + wsd * sq for dot, sq in zip(per_param, squared)]
@@ -196,18 +206,45 @@ class APOLR(MetaLearnedOptimizer):
         meta_grad = torch.stack([torch.stack(chunk).sum() if chunk else zero for chunk in _split(per_param, sizes)])
         return _Lookahead(params, sizes, deltas, meta_grad, objective)
 
-    def _finish_delayed_meta_step(self) -> None:
-        """loss_batch "next": add ⟨Δ, ∇L_{B_t+1}(θ′)⟩ per group, read from ``.grad``, and update φ.
+    # -- loss_batch "next": the displacement and the delayed meta-gradient ------------------------------------
+    def _tracks_displacement(self, meta_step_due: bool) -> bool:
+        """Whether this step adds to D: with a horizon of one step only a look-ahead step does (D = Δ)."""
+        return (
+            self.objective is not None
+            and self.objective.loss_batch == "next"
+            and self.meta_lr > 0
+            and (meta_step_due or self.objective.horizon > 1)
+        )
 
+    def _displacement_before_step(self) -> None:
+        """D ← γ·D − θ (then + θ′ after the step: D ← γ·D + Δ, without a copy of θ)."""
+        if self._displacement is None:
+            self._displacement = _float_zeros_like(self._all_params())
+        gamma = self.objective.discount
+        if gamma != 1.0:
+            torch._foreach_mul_(self._displacement, gamma)
+        torch._foreach_sub_(self._displacement, [p.detach() for p in self._all_params()])
+
+    def _displacement_after_step(self) -> None:
+        torch._foreach_add_(self._displacement, [p.detach() for p in self._all_params()])
+
+    def _finish_delayed_meta_step(self) -> None:
+        """loss_batch "next": add ⟨D, ∇L_{B_t+1}(θ_t+1)⟩ per group, read from ``.grad``, and update φ.
+
+        D = Σ_s γ^(t−s) Δ_s is the discounted sum of the steps taken (Δ_t alone for a one-step horizon), so this is
+        ∂/∂φ of Σ_k γ^k L_{B_t+k+1}(θ_t+k+1) with each step's effect on the later iterates taken as persistent.
         The step already taken is not rescaled: the gradient in ``.grad`` was computed at it, and the step that
         follows uses the updated φ. Under the Trainer, ``.grad`` is the reduced, unscaled and clipped gradient.
         """
         pending, self._pending = self._pending, None
         meta_grad = pending.meta_grad.clone()
-        for index, (params, deltas) in enumerate(zip(_split(pending.params, pending.sizes), _split(pending.deltas, pending.sizes))):
-            dots = [_dot(delta, p.grad) for p, delta in zip(params, deltas) if p.grad is not None]
+        position = {id(p): index for index, p in enumerate(self._all_params())}
+        for index, group in enumerate(self.param_groups):
+            dots = [_dot(self._displacement[position[id(p)]], p.grad) for p in self._params_with_grad(group)]
             if dots:
                 meta_grad[index] += torch.stack(dots).sum().to(meta_grad.dtype)
+        if self.objective.horizon == 1:
+            self._displacement = None  # rebuilt at the next look-ahead: no persistent copy of the parameters
         self._apply_meta_gradient(meta_grad, pending.objective)
 
     def _apply_meta_gradient(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> list[float] | None:
@@ -240,32 +277,26 @@ class APOLR(MetaLearnedOptimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _pending_state(self) -> dict[str, Any] | None:
-        pending = self._pending
-        if pending is None:
+        """loss_batch "next": the look-ahead's part of the meta-gradient and D (one copy of the parameters)."""
+        if self._pending is None and self._displacement is None:
             return None
-        position = {id(p): index for index, p in enumerate(self._all_params())}
         return {
-            "param_indices": [position[id(p)] for p in pending.params],
-            "sizes": list(pending.sizes),
-            "deltas": [d.clone() for d in pending.deltas],
-            "meta_grad": pending.meta_grad.clone(),
-            "objective": pending.objective.clone(),
+            "meta_grad": None if self._pending is None else self._pending.meta_grad.clone(),
+            "objective": None if self._pending is None else self._pending.objective.clone(),
+            "displacement": None if self._displacement is None else [d.clone() for d in self._displacement],
         }
 
     def _load_pending_state(self, state: dict[str, Any] | None) -> None:
+        self._pending = self._displacement = None
         if state is None:
-            self._pending = None
             return
-        all_params = self._all_params()
-        params = [all_params[index] for index in state["param_indices"]]
-        device = params[0].device if params else torch.device("cpu")
-        self._pending = _Lookahead(
-            params=params,
-            sizes=list(state["sizes"]),
-            deltas=[d.to(device=p.device, dtype=p.dtype) for d, p in zip(state["deltas"], params)],
-            meta_grad=state["meta_grad"].to(device),
-            objective=state["objective"].to(device),
-        )
+        params = self._all_params()
+        if state["displacement"] is not None:
+            self._displacement = [d.to(device=p.device) for d, p in zip(state["displacement"], params)]
+        if state["meta_grad"] is not None:
+            device = params[0].device if params else torch.device("cpu")
+            # which parameters the look-ahead updated is not needed any more: its terms are summed per group
+            self._pending = _Lookahead([], [], [], state["meta_grad"].to(device), state["objective"].to(device))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
@@ -299,9 +330,14 @@ class _Lookahead:
 
     params: list[torch.Tensor]  # the parameters the step updated, group after group
     sizes: list[int]  # how many of them belong to each group
-    deltas: list[torch.Tensor]  # Δ per parameter
+    deltas: list[torch.Tensor]  # Δ per parameter (empty when no term evaluated at θ′ needs it)
     meta_grad: torch.Tensor  # ⟨Δ, v⟩ + λ_WSD‖Δ‖² per group, v the look-ahead gradient of the terms evaluated
     objective: torch.Tensor  # the value of those terms
+
+
+def _float_zeros_like(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zeros shaped like ``params`` in at least float32 (D sums many small steps: not in bf16)."""
+    return [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,9 @@ class ProximalObjective:
         loss_batch: ``"same"`` scores the loss term on the batch B that produced the gradient (the paper);
             ``"next"`` on the next training batch, read from the gradient the loop computes there (see the module
             docstring; supported by :class:`~hf_apo.APOLR`).
+        horizon: ``"next"`` only: the loss term is Σ_k γ^k L_{B_t+k+1}(θ_t+k+1) with γ = 1 − 1/horizon, the
+            losses of about ``horizon`` future steps rather than of the next one (1: the greedy one-step
+            objective, whose learned LR decays too fast over long runs: Wu et al. 2018's short-horizon bias).
 
     The meta forwards run in eval mode (dropout off, so D(f(θ) ‖ f(θ)) = 0 and finite differences agree);
     the caller's mode is restored afterwards.
@@ -165,9 +168,14 @@ class ProximalObjective:
         label_shift: int = 0,
         output_key: str = "logits",
         loss_batch: str = "same",
+        horizon: float = 1,
     ):
         if loss_batch not in LOSS_BATCHES:
             raise ValueError(f"loss_batch must be one of {LOSS_BATCHES}, got {loss_batch!r}.")
+        if not horizon >= 1:
+            raise ValueError(f"horizon must be >= 1 (steps), got {horizon!r}.")
+        if horizon > 1 and loss_batch != "next":
+            raise ValueError("horizon > 1 needs loss_batch='next' (the future losses are read from future gradients).")
         if lambda_fsd < 0:
             raise ValueError(f"lambda_fsd must be >= 0, got {lambda_fsd}.")
         if lambda_wsd < 0:
@@ -191,6 +199,12 @@ class ProximalObjective:
         self.label_shift = label_shift
         self.output_key = output_key
         self.loss_batch = loss_batch
+        self.horizon = float(horizon)
+
+    @property
+    def discount(self) -> float:
+        """γ = 1 − 1/horizon: the weight of the loss k steps ahead is γ^k (``loss_batch="next"``)."""
+        return 1.0 - 1.0 / self.horizon
 
     @property
     def uses_meta_batch(self) -> bool:

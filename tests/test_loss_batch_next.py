@@ -115,13 +115,14 @@ def test_next_without_meta_learning_is_the_torch_optimizer_bitwise(name):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
-@pytest.mark.parametrize("lambda_fsd, interval", [(0.0, 1), (1.0, 3)])
-def test_state_dict_round_trip_with_a_pending_lookahead_continues_bitwise(lambda_fsd, interval):
-    """The checkpoint falls between a look-ahead and the gradient that finishes it: Δ travels in the state dict."""
+@pytest.mark.parametrize("lambda_fsd, interval, horizon", [(0.0, 1, 1), (1.0, 3, 1), (0.0, 3, 50)])
+def test_state_dict_round_trip_with_a_pending_lookahead_continues_bitwise(lambda_fsd, interval, horizon):
+    """The checkpoint falls between a look-ahead and the gradient that finishes it: Δ (or D) travels in the state
+    dict."""
     batches = seq2seq_batches(16)
 
     def build(model):
-        objective = ProximalObjective(model, lambda_fsd=lambda_fsd, lambda_wsd=0.1, loss_batch="next")
+        objective = ProximalObjective(model, lambda_fsd=lambda_fsd, lambda_wsd=0.1, loss_batch="next", horizon=horizon)
         return APOLR(model.parameters(), objective, base="adamw", lr=1e-3, meta_interval=interval, meta_lr=0.1)
 
     uninterrupted_model = tiny_t5()
@@ -142,3 +143,59 @@ def test_state_dict_round_trip_with_a_pending_lookahead_continues_bitwise(lambda
     assert resumed.meta_steps == uninterrupted.meta_steps > 0
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert torch.equal(resumed.log_lr, uninterrupted.log_lr)
+
+
+def test_horizon_meta_gradient_is_the_discounted_sum_of_steps_dotted_with_the_next_gradient():
+    """horizon H: ∂Q/∂φ_group = ⟨Σ_s γ^(t−s) Δ_s, ∇L_{B_t+1}(θ_t+1)⟩ with γ = 1 − 1/H, over every step s ≤ t (not only
+    the look-ahead steps), recomputed here from snapshots of the parameters, in float64."""
+    model, batches = make_problem("mlp")
+    batches = batches * 3
+    horizon, interval = 4.0, 3
+    gamma = 1 - 1 / horizon
+    base = torch.optim.AdamW(two_groups(model), weight_decay=0.1)
+    objective = ProximalObjective(model, lambda_fsd=0.0, loss_batch="next", horizon=horizon)
+    optimizer = APOLR(base, objective, meta_interval=interval, meta_lr=0.05)
+    snapshots = [[p.detach().clone() for p in model.parameters()]]
+    checked = 0
+    for step, batch in enumerate(batches, start=1):
+        set_grads(model, batch)
+        if (step - 1) % interval == 0 and step > 1:  # this step() finishes the look-ahead of step − 1
+            displacement = [torch.zeros_like(p) for p in model.parameters()]
+            for before, after in zip(snapshots[:-1], snapshots[1:]):
+                displacement = [gamma * d + (a - b) for d, a, b in zip(displacement, after, before)]
+            expected = [
+                sum(float((displacement[i] * p.grad).sum()) for i, p in enumerate(model.parameters()) if i % 2 == g)
+                for g in range(2)
+            ]
+            optimizer.step()
+            torch.testing.assert_close(optimizer.last_meta_gradient.double(), torch.tensor(expected, dtype=torch.float64),
+                                       rtol=1e-9, atol=1e-12)
+            checked += 1
+        else:
+            optimizer.step()
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+    assert checked == 3 and optimizer.meta_steps == 3
+
+
+def test_horizon_needs_next():
+    with pytest.raises(ValueError, match="horizon"):
+        ProximalObjective(MLP(), horizon=10)
+    with pytest.raises(ValueError, match="horizon"):
+        ProximalObjective(MLP(), loss_batch="next", horizon=0.5)
+
+
+def test_horizon_with_bf16_weights_keeps_a_float32_displacement():
+    model = MLP().to(torch.bfloat16)
+    objective = ProximalObjective(model, lambda_fsd=0.0, loss_batch="next", horizon=100)
+    optimizer = APOLR(model.parameters(), objective, lr=1e-3, meta_interval=1, meta_lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    from tiny import mlp_batch
+
+    batch = mlp_batch(generator, dtype=torch.bfloat16)
+    for _ in range(5):
+        model.zero_grad()
+        model(**batch)["loss"].backward()
+        optimizer.step()
+    assert all(d.dtype == torch.float32 for d in optimizer._displacement)
+    assert optimizer.meta_steps == 4 and optimizer.log_lr.dtype == torch.float32
+    assert all(torch.isfinite(d).all() for d in optimizer._displacement)
