@@ -59,7 +59,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, environment, write_json
+from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, environment
 from benchmarks.tasks import TASKS, run_once
 
 SMALL_TASKS = ("digits_classification", "digits_autoencoder", "teacher_student")
@@ -72,7 +72,7 @@ LONG_BUDGETS = {  # task: (steps, eval_every, seeds)
     "finetune": (600, 50, (0, 1)),
 }
 ADAMW_GRID = {task: (1e-4, 3e-4, 1e-3, 3e-3, 1e-2) for task in (*SMALL_TASKS, "translation")}
-ADAMW_GRID["finetune"] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+ADAMW_GRID["finetune"] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 INIT_FACTORS = (0.01, 0.1, 1.0, 3.0)  # initial LRs: best fixed AdamW LR × these
 
 # APO-LR over AdamW, no schedule of its own. "same": the loss term on the batch that gave the gradient (the paper);

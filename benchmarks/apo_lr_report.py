@@ -70,9 +70,10 @@ def summarize_task(output_dir: Path, task: str, names: list[str], quick: bool) -
             if not rows:
                 continue
             final = mean_final(rows)
+            spread = len(rows) > 1 and math.isfinite(final)
             per_init[factor] = {
                 "lr": lr, "final_mean": final, "seeds": len(rows),
-                "final_std": statistics.stdev([r["final"] for r in rows]) if len(rows) > 1 and math.isfinite(final) else 0.0,
+                "final_std": statistics.stdev([r["final"] for r in rows]) if spread else 0.0,
                 "train_final_mean": statistics.fmean(r["train_final"] for r in rows),
                 "relative_to_best_fixed": relative(final, adamw[best]),
                 # at the same initial LR, AdamW at that LR where the grid has it (the "never hurts" comparison)

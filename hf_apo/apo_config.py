@@ -119,7 +119,8 @@ class APOArgumentsMixin:
     def _validate_apo_fields(self) -> None:
         if self.apo not in APO_MODES:
             raise ValueError(f"--apo must be one of {', '.join(APO_MODES)}; got {self.apo!r}.")
-        if self.apo_meta_interval is not None and (not isinstance(self.apo_meta_interval, int) or self.apo_meta_interval < 1):
+        interval = self.apo_meta_interval
+        if interval is not None and (not isinstance(interval, int) or interval < 1):
             raise ValueError(
                 f"--apo_meta_interval must be an integer >= 1 (a meta step every K optimizer steps); "
                 f"got {self.apo_meta_interval!r}."
@@ -131,7 +132,9 @@ class APOArgumentsMixin:
             if value is not None and not value >= 0:
                 raise ValueError(f"--{flag} must be >= 0; got {value!r}. Use 0 to drop that proximity term.")
         if self.apo_loss_batch is not None and self.apo_loss_batch not in APO_LOSS_BATCHES:
-            raise ValueError(f"--apo_loss_batch must be one of {', '.join(APO_LOSS_BATCHES)}; got {self.apo_loss_batch!r}.")
+            raise ValueError(
+                f"--apo_loss_batch must be one of {', '.join(APO_LOSS_BATCHES)}; got {self.apo_loss_batch!r}."
+            )
         if self.apo == "precond" and self.apo_loss_batch == "next":
             raise ValueError(
                 "--apo_loss_batch next is supported by --apo lr only; --apo precond scores the loss on the same batch. "

@@ -22,12 +22,27 @@ buffers) does not depend on η, so the look-ahead *is* the real step with the cu
     3. v at θ′, meta-gradient, φ ← φ_new;
     4. θ′ += Δ · (exp(φ_new − φ) − 1) per group, which is the step the base would have taken with φ_new.
 
+That is ``loss_batch="same"`` (the paper's objective, L_B(θ′) on the batch that gave the gradient). With
+``loss_batch="next"`` the loss term is scored on the following training batches instead, from the gradients the
+training loop computes there anyway:
+
+    ∂Q/∂φ_group = ⟨D_group, ∇L_{B_t+1}(θ_t+1)_group⟩ (+ the proximity terms at θ′, if any λ > 0),
+    D = Σ_{s ≤ t} γ^(t−s) Δ_s,   γ = 1 − 1/horizon,
+
+applied at the next ``step()`` (one step late; the step already taken is not rescaled). horizon = 1 is the greedy
+one-step objective (D = Δ_t, hypergradient descent); a longer horizon weighs the losses of about that many future
+steps, each step's effect on the later iterates taken as persistent, which removes most of the greedy objective's
+bias towards too small a learning rate in long runs. With λ_FSD = λ_WSD = 0 a meta step is dot products: no forward,
+no backward, no observed batch.
+
 With meta-learning off (``meta_lr = 0``) ``step()`` is the wrapped optimizer's step, bit for bit, and its
 foreach/fused kernels are used.
 
-Memory: a meta step needs one extra copy of the parameters (θ, turned into Δ in place). v = ∇_{θ′}Q is
+Memory: a ``"same"`` meta step needs one extra copy of the parameters (θ, turned into Δ in place). v = ∇_{θ′}Q is
 written into the ``.grad`` buffers, whose g the base step has already consumed: after a meta step's ``step()``,
 ``.grad`` holds the elementwise products Δ ⊙ v rather than g (zero them as usual before the next backward).
+``"next"`` keeps D (float32, one copy of the parameters) from the look-ahead to the next step, and for a horizon
+above 1 for the whole run; D = γ·D − θ before the step and D += θ′ after it, so it needs no copy of θ.
 """
 
 from __future__ import annotations
@@ -156,7 +171,8 @@ class APOLR(MetaLearnedOptimizer):
         if changes is None:
             return
         # Rescale the step already taken to the one the new φ gives: θ′ += Δ · (exp(φ_new − φ) − 1).
-        for group, group_deltas, change in zip(_split(pending.params, pending.sizes), _split(pending.deltas, pending.sizes), changes):
+        groups = zip(_split(pending.params, pending.sizes), _split(pending.deltas, pending.sizes), changes)
+        for group, group_deltas, change in groups:
             correction = math.expm1(change)
             if group and correction != 0.0:
                 torch._foreach_add_(group, group_deltas, alpha=correction)
