@@ -77,7 +77,8 @@ INIT_FACTORS = (0.01, 0.1, 1.0, 3.0)  # initial LRs: best fixed AdamW LR × thes
 
 # APO-LR over AdamW, no schedule of its own. "same": the loss term on the batch that gave the gradient (the paper);
 # "next": on the next training batch, from the gradient the loop computes there. K: meta interval.
-CANDIDATES: dict[str, dict] = {
+_BASE = dict(meta_interval=10, meta_lr=0.1, lambda_wsd=0.0, horizon=1.0)  # every setting a candidate leaves out
+CANDIDATES: dict[str, dict] = {name: {**_BASE, **settings} for name, settings in {
     "same_fsd10": dict(loss_batch="same", lambda_fsd=10.0),  # the paper's setting and hf_apo's default until now
     "same_fsd3": dict(loss_batch="same", lambda_fsd=3.0),
     "same_fsd1": dict(loss_batch="same", lambda_fsd=1.0),
@@ -95,7 +96,7 @@ CANDIDATES: dict[str, dict] = {
     "next_h1000_K1_mlr0.01": dict(loss_batch="next", lambda_fsd=0.0, horizon=1000, meta_interval=1, meta_lr=0.01),
     "next_h1000": dict(loss_batch="next", lambda_fsd=0.0, horizon=1000),
     "next_h10000": dict(loss_batch="next", lambda_fsd=0.0, horizon=10000),
-}
+}.items()}
 PAPER = "same_fsd10"
 FINALISTS_FROM_STAGE_1 = 3
 TIE = 0.25
@@ -103,7 +104,7 @@ TIE = 0.25
 
 def passes_per_step(name: str) -> float:
     """Forward/backward passes a candidate adds per optimizer step on average (the tie-break: cheaper wins)."""
-    settings = {"meta_interval": 10, **CANDIDATES[name]}
+    settings = CANDIDATES[name]
     per_meta_step = (1.0 if settings["loss_batch"] == "same" else 0.0) + (0.5 if settings["lambda_fsd"] > 0 else 0.0)
     return per_meta_step / settings["meta_interval"]
 
@@ -114,7 +115,7 @@ def candidate_spec(name: str, lr: float) -> MethodSpec:
 
 def apo_trainer_args(name: str) -> dict:
     """A candidate as ``--apo_*`` Trainer flags."""
-    settings = {"meta_interval": 10, "meta_lr": 0.1, "lambda_wsd": 0.0, "horizon": 1.0, **CANDIDATES[name]}
+    settings = CANDIDATES[name]
     return {"apo": "lr", "apo_loss_batch": settings["loss_batch"], "apo_lambda_fsd": settings["lambda_fsd"],
             "apo_lambda_wsd": settings["lambda_wsd"], "apo_meta_interval": settings["meta_interval"],
             "apo_meta_lr": settings["meta_lr"], "apo_horizon": settings["horizon"]}

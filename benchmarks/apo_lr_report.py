@@ -226,7 +226,8 @@ def plot(output_dir: Path, summary: dict, name: str, quick: bool) -> list[str]:
             ax_lr.plot([every * (i + 1) for i in range(len(trace))], [lr * m for m in trace], label=f"from {factor:g}×")
         ax_lr.axhline(best, color="k", ls="--", lw=1, label="best fixed LR")
         ax_loss.set(yscale="log", xlabel="step", ylabel="validation loss", title=task)
-        ax_lr.set(yscale="log", xlabel="step", ylabel="learned LR (seed 0; finetune: × Trainer's linear decay)")
+        ax_lr.set(yscale="log", xlabel="step", ylabel="learned LR, seed 0",
+                  title="initial LR × multiplier" + (" (× the Trainer's linear decay)" if task == "finetune" else ""))
         ax_loss.legend(fontsize=7)
         ax_lr.legend(fontsize=7)
         fig.tight_layout()

@@ -31,6 +31,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "benchmarks" / "results"
 
 
+def apo_lr_defaults() -> dict[str, Any]:
+    """hf_apo's APO-LR defaults (``hf_apo.apo_config``) as MethodSpec fields: what ``--apo lr`` runs."""
+    from hf_apo.apo_config import APO_DEFAULTS, DEFAULT_LOSS_BATCH
+
+    loss_batch = DEFAULT_LOSS_BATCH["lr"]
+    settings = APO_DEFAULTS[("lr", loss_batch)]
+    return {"loss_batch": loss_batch, "lambda_fsd": settings["apo_lambda_fsd"], "horizon": settings["apo_horizon"],
+            "meta_interval": settings["apo_meta_interval"], "meta_lr": settings["apo_meta_lr"]}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One optimizer configuration under test; ``kind`` picks the builder, the rest are its hyperparameters.
@@ -38,6 +48,8 @@ class MethodSpec:
     kinds: ``adamw``, ``sgd`` (``momentum`` as given), ``apo_lr`` (APO-LR over AdamW), ``apo_precond``
     (APO-Precond over SGD with ``momentum``), ``prodigy``, ``sf_adamw`` (schedule-free AdamW), ``soap``
     (heavyball SOAP, the second-order peer, run eagerly: no torch.compile).
+    The APO fields' own defaults are the paper's setting (same-batch loss, λ_FSD 10, K 10); hf_apo's APO-LR
+    default is ``MethodSpec(name, "apo_lr", **apo_lr_defaults())``.
     ``schedule``: ``constant`` or ``warmup_cosine`` (linear warmup over ``warmup_fraction`` of the steps, then
     cosine decay to 0), applied to the base learning rate by a LambdaLR.
     """
@@ -50,7 +62,7 @@ class MethodSpec:
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
     meta_interval: int = 10
-    meta_lr: float | None = None  # None: hf_apo's default (0.1 for APO-LR, 1e-2 for APO-Precond)
+    meta_lr: float | None = None  # None: the optimizer's own default (0.1 for APO-LR, 3e-3 for APO-Precond)
     meta_batch_fraction: float = 0.25
     lambda_fsd: float = 10.0
     lambda_wsd: float = 0.0
@@ -190,13 +202,15 @@ def optimizer_state_bytes(optimizer, model: torch.nn.Module) -> int:
     """Bytes an optimizer keeps between steps beyond the parameters and their gradients.
 
     Its ``state`` (moments, momentum buffers, peers' preconditioners) plus, for APO, the meta-parameters, their
-    Adam state, the cached L = AAᵀ / R = BBᵀ and the two batches kept for the meta step.
+    Adam state, APO-LR's displacement D (``loss_batch="next"``), the cached L = AAᵀ / R = BBᵀ and the two batches
+    kept for the meta step.
     """
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     total = tensor_bytes(list(optimizer.state.values()), seen, exclude)
     if isinstance(optimizer, APOLR):
-        total += tensor_bytes([optimizer.log_lr, list(optimizer.meta_optimizer.state.values())], seen, exclude)
+        total += tensor_bytes([optimizer.log_lr, list(optimizer.meta_optimizer.state.values()),
+                               optimizer._displacement], seen, exclude)
     if isinstance(optimizer, APOPrecond):
         for factors in optimizer.factors.values():
             total += tensor_bytes([factors.tensors, factors._cache], seen, exclude)

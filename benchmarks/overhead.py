@@ -42,6 +42,7 @@ import torch
 from benchmarks.common import (
     DEFAULT_OUTPUT_DIR,
     MethodSpec,
+    apo_lr_defaults,
     build_optimizer,
     environment,
     finish_environment,
@@ -69,10 +70,12 @@ SIZES = {
     "d512": dict(d_model=512, d_ff=2048, num_heads=8),
 }
 
-# The optimizers every size runs, and the APO-LR levers (meta batch fraction × meta interval, and no B′ passes).
+# The optimizers every size runs, and the APO-LR levers: of the paper's objective (meta batch fraction × meta interval,
+# no B′ passes) and of the "next" one (a one-step horizon; a meta step every step).
 CORE_METHODS = [
     MethodSpec("adamw", "adamw", lr=1e-3),
-    MethodSpec("apo_lr", "apo_lr", lr=1e-3),  # K 10, meta batch fraction 0.25, lambda_fsd 10: hf_apo defaults
+    MethodSpec("apo_lr", "apo_lr", lr=1e-3, **apo_lr_defaults()),  # hf_apo's default (hf_apo/apo_config.py)
+    MethodSpec("apo_lr_paper", "apo_lr", lr=1e-3),  # the paper's objective: same batch, lambda_fsd 10, K 10
     MethodSpec("apo_precond", "apo_precond", lr=1e-2, momentum=0.9),
     MethodSpec("sgd_momentum", "sgd", lr=1e-2, momentum=0.9),  # APO-Precond's base rule
     MethodSpec("prodigy", "prodigy", lr=1.0),
@@ -85,7 +88,7 @@ LEVER_METHODS = [
     MethodSpec("apo_lr_k16_frac1", "apo_lr", lr=1e-3, meta_interval=16, meta_batch_fraction=1.0),
     MethodSpec("apo_lr_no_fsd", "apo_lr", lr=1e-3, lambda_fsd=0.0, lambda_wsd=1.0),
     # loss_batch "next" (the loss term from the next step's gradient), without proximity terms: dot products only
-    MethodSpec("apo_lr_next", "apo_lr", lr=1e-3, loss_batch="next", lambda_fsd=0.0),
+    MethodSpec("apo_lr_next_h1", "apo_lr", lr=1e-3, loss_batch="next", lambda_fsd=0.0),
     MethodSpec("apo_lr_next_k1", "apo_lr", lr=1e-3, loss_batch="next", lambda_fsd=0.0, meta_interval=1, meta_lr=0.01),
     MethodSpec("apo_precond_frac1", "apo_precond", lr=1e-2, momentum=0.9, meta_batch_fraction=1.0),
     MethodSpec("apo_precond_cap256", "apo_precond", lr=1e-2, momentum=0.9, max_factor_dim=256),
@@ -107,12 +110,12 @@ def build_model(size: str, seed: int = 0, device: str = "cpu"):
     return T5ForConditionalGeneration(config).to(device)
 
 
-def make_batches(count: int, seed: int, device: str) -> list[dict[str, torch.Tensor]]:
+def make_batches(count: int, seed: int, device: str, seq_len: int = SEQ_LEN) -> list[dict[str, torch.Tensor]]:
     """Random token batches (a reversal task); only their shapes matter for cost."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
-        tokens = torch.randint(2, VOCAB, (BATCH, SEQ_LEN), generator=generator)
+        tokens = torch.randint(2, VOCAB, (BATCH, seq_len), generator=generator)
         batches.append(
             {"input_ids": tokens.to(device), "attention_mask": torch.ones_like(tokens).to(device),
              "labels": tokens.flip(1).to(device)}
@@ -268,9 +271,10 @@ def factor_memory(size: str) -> dict[str, float]:
 
 
 def measure_size(
-    size: str, methods: list[MethodSpec], reps: int, device: str, seed: int, profile_memory: bool = True
+    size: str, methods: list[MethodSpec], reps: int, device: str, seed: int, profile_memory: bool = True,
+    seq_len: int = SEQ_LEN,
 ) -> dict:
-    batches = make_batches(8, seed, device)
+    batches = make_batches(8, seed, device, seq_len)
     total_steps = (reps + 2) * max(block_length(m) for m in methods)
     runners = [Runner(spec, size, batches, device, total_steps) for spec in methods]
     param_b = parameter_bytes(runners[0].model)
@@ -330,7 +334,7 @@ def run(args) -> dict:
     sizes = args.sizes
     lever_sizes = [s for s in args.lever_sizes if s in sizes]
     results: dict = {"environment": info, "sizes": {}, "settings": {
-        "vocab": VOCAB, "batch": BATCH, "seq_len": SEQ_LEN, "model": "T5ForConditionalGeneration 2+2 layers, tied",
+        "vocab": VOCAB, "batch": BATCH, "seq_len": args.seq_len, "model": "T5ForConditionalGeneration 2+2 layers, tied",
         "dims": {s: SIZES[s] for s in sizes}, "reps": args.reps, "timing": "median over repetitions of the mean "
         "step time of one block (one meta period: K steps for APO, 10 for the others), round-robin order",
         "peak_memory_method": "cuda max_memory_allocated" if device == "cuda" else "cpu: parameter + optimizer-state bytes "
@@ -342,7 +346,8 @@ def run(args) -> dict:
         if args.methods:
             methods = [m for m in methods if m.name in args.methods or m.name == "adamw"]
         reps = args.reps if size not in args.reduced_sizes else max(3, args.reps // 2)
-        results["sizes"][size] = measure_size(size, methods, reps, device, args.seed, not args.no_memory_profile)
+        results["sizes"][size] = measure_size(size, methods, reps, device, args.seed, not args.no_memory_profile,
+                                              args.seq_len)
         results["sizes"][size]["reps"] = reps
         print(f"[{size}] " + ", ".join(
             f"{name} {entry['step_ratio']:.3f}x" for name, entry in results["sizes"][size]["methods"].items()
@@ -463,7 +468,8 @@ def markdown(results: dict) -> str:
         f"wall clock {env['wall_clock_s']} s.",
         f"Command: `{env['command']}`",
         "",
-        f"Model: {results['settings']['model']}, vocabulary {VOCAB}, batch {BATCH}, {SEQ_LEN} tokens. Step time: "
+        f"Model: {results['settings']['model']}, vocabulary {VOCAB}, batch {BATCH}, "
+        f"{results['settings']['seq_len']} tokens. Step time: "
         f"{results['settings']['timing']}. Peak memory: {results['settings']['peak_memory_method']}. "
         "Ratios are to AdamW in the same run.",
         "",
@@ -538,6 +544,8 @@ def parse_args(argv=None):
                         help="sizes run with half the repetitions (at least 3)")
     parser.add_argument("--methods", nargs="+", default=None, help="restrict to these methods (AdamW always runs)")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--seq_len", type=int, default=SEQ_LEN,
+                        help=f"source and target tokens per example (batch {BATCH}; fine-tuning batches hold 2k-16k tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is available")
     parser.add_argument("--no_memory_profile", action="store_true", help="CPU: skip the profiler's peak memory")
@@ -546,7 +554,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.lever_sizes, args.reps, args.reduced_sizes = ["d64"], [], 2, []
-        args.methods = args.methods or ["adamw", "apo_lr", "apo_precond"]
+        args.methods = args.methods or ["adamw", "apo_lr", "apo_lr_paper", "apo_precond"]
     return args
 
 

@@ -52,6 +52,7 @@ import torch
 from benchmarks.common import (
     DEFAULT_OUTPUT_DIR,
     MethodSpec,
+    apo_lr_defaults,
     environment,
     finish_environment,
     markdown_table,
@@ -155,7 +156,7 @@ def run_task(task: Task, args, bar) -> dict:
     if wanted("apo_lr"):
         for lr in args.apo_lr_inits:
             name = f"apo_lr_{lr:.0e}"
-            runner.run(MethodSpec(name, "apo_lr", lr=lr))
+            runner.run(MethodSpec(name, "apo_lr", lr=lr, **apo_lr_defaults()))
             selected[name] = name
 
     # 3. SGD(momentum 0.9) grid, APO-Precond over it and over plain SGD

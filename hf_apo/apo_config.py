@@ -15,13 +15,14 @@ APO_MODES = ("none", "lr", "precond")
 # --optim values whose torch optimizer APO-LR can wrap (its step must be linear in the learning rate).
 APO_LR_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "rmsprop")
 APO_LOSS_BATCHES = ("same", "next")
-# The defaults of the flags left unset, per mode: benchmarks/results/apo_lr_defaults.md (APO-LR) and
+# The defaults of the flags left unset: per mode and, for APO-LR, per loss batch, so that `--apo_loss_batch same`
+# alone gives the paper's objective with its settings. Evidence: benchmarks/results/apo_lr_defaults.md (APO-LR) and
 # benchmarks/results/quality.md, "Recommended defaults" (APO-Precond).
+DEFAULT_LOSS_BATCH = {"lr": "next", "precond": "same"}
 APO_DEFAULTS = {
-    "lr": {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_loss_batch": "same",
-           "apo_horizon": 1.0},
-    "precond": {"apo_meta_lr": 3e-3, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_loss_batch": "same",
-                "apo_horizon": 1.0},
+    ("lr", "next"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 10_000.0},
+    ("lr", "same"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0},
+    ("precond", "same"): {"apo_meta_lr": 3e-3, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0},
 }
 
 
@@ -108,9 +109,15 @@ class APOArgumentsMixin:
         super().__post_init__()
 
     def apo_setting(self, flag: str):
-        """The value of an ``--apo_*`` flag that has a per-mode default: the user's, else the mode's default."""
+        """The value of an ``--apo_*`` flag with a default per mode and loss batch: the user's, else the default."""
         value = getattr(self, flag)
-        return value if value is not None else APO_DEFAULTS.get(self.apo, APO_DEFAULTS["lr"])[flag]
+        if value is not None:
+            return value
+        mode = self.apo if self.apo in DEFAULT_LOSS_BATCH else "lr"
+        loss_batch = self.apo_loss_batch or DEFAULT_LOSS_BATCH[mode]
+        if flag == "apo_loss_batch":
+            return loss_batch
+        return APO_DEFAULTS[(mode, loss_batch)][flag]
 
     @property
     def apo_effective_meta_lr(self) -> float:

@@ -43,13 +43,16 @@ def test_overhead_quick(tmp_path):
     methods = results["sizes"][size]["methods"]
     assert methods["adamw"]["step_ratio"] == 1.0
     assert methods["adamw"]["peak_mem_ratio"] == 1.0
-    for name in ("apo_lr", "apo_precond"):
+    for name in ("apo_lr", "apo_lr_paper", "apo_precond"):
         assert len(methods[name]["block_means_s"]) == results["settings"]["reps"]
+    for name in ("apo_lr_paper", "apo_precond"):  # meta steps inside one step(): timed part by part
         assert positive_finite(methods[name]["meta_step_in_adamw_steps"])
         parts = methods[name]["meta_step_breakdown_s"]
         assert parts["lookahead_forward_backward"] > 0 and parts["training_forward_backward"] > 0
-    # APO-LR keeps AdamW's moments plus φ, its Adam state and the two observed batches
-    assert methods["apo_lr"]["state_bytes"] > methods["adamw"]["state_bytes"]
+    # APO-LR keeps AdamW's moments plus φ, its Adam state and the two observed batches; the default ("next" with a
+    # horizon) also its displacement D, one float32 copy of the parameters
+    assert methods["apo_lr_paper"]["state_bytes"] > methods["adamw"]["state_bytes"]
+    assert methods["apo_lr"]["state_bytes"] >= methods["adamw"]["state_bytes"] + results["sizes"][size]["param_bytes"]
     # APO-Precond keeps SGD's momentum buffer (one copy of the parameters) plus its factors
     assert methods["apo_precond"]["state_bytes"] > results["sizes"][size]["param_bytes"]
     assert set(results["targets"][size]) >= {"apo_lr_step_ratio_le_1.10", "apo_precond_step_ratio_le_1.25",
@@ -63,7 +66,8 @@ def test_quality_quick(tmp_path):
     pytest.importorskip("matplotlib")
     run_script("quality.py", tmp_path)
     results = json.loads((tmp_path / "quality.json").read_text())
-    assert set(results["tasks"]) == {"diabetes", "digits_autoencoder", "digits_classification", "translation"}
+    assert set(results["tasks"]) == {"diabetes", "digits_autoencoder", "digits_classification", "teacher_student",
+                                     "translation"}
     for name, task in results["tasks"].items():
         assert positive_finite(task["target_loss"]), name
         selected = task["selected"]
@@ -89,3 +93,34 @@ def test_quality_quick(tmp_path):
     assert results["environment"]["command"].endswith("--output_dir " + str(tmp_path)) or "--quick" in results["environment"]["command"]
     text = (tmp_path / "quality.md").read_text()
     assert "## Claims, as measured" in text and "## Recommended defaults" in text
+
+
+def test_apo_lr_defaults_quick_applies_the_rule(tmp_path):
+    """Stage 1 on the three small tasks (30 steps, 1 seed), then the report: a ranking, finalists, targets."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    script = str(REPO_ROOT / "benchmarks" / "apo_lr_defaults.py")
+    common = ["--quick", "--output_dir", str(tmp_path)]
+    for command in (["run", "--tasks", "digits_classification", "digits_autoencoder", "teacher_student"], ["report"]):
+        completed = subprocess.run([sys.executable, script, *command, *common], cwd=REPO_ROOT, env=env,
+                                   capture_output=True, text=True, timeout=400)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    from benchmarks.apo_lr_defaults import CANDIDATES, PAPER
+
+    report = json.loads((tmp_path / "apo_lr_defaults.json").read_text())
+    rule = report["rule"]
+    assert rule["stage1_cells"] == 12 and set(rule["stage1_mean_rank"]) == set(CANDIDATES)
+    assert all(1 <= rank <= len(CANDIDATES) for rank in rule["stage1_mean_rank"].values())
+    assert PAPER in rule["finalists"] and len(rule["finalists"]) in (3, 4)
+    assert rule["winner"] in rule["finalists"]
+    for name in report["target_candidates"]:
+        assert set(report["targets"][name]["within_5pct_of_best_fixed_from_every_init"]) == {
+            "digits_classification", "digits_autoencoder", "teacher_student"}
+    # a second run finds every run done: nothing is trained again
+    rows = sum(1 for _ in (tmp_path / "apo_lr_runs" / "teacher_student.jsonl").open())
+    subprocess.run([sys.executable, script, "run", "--tasks", "teacher_student", *common], cwd=REPO_ROOT, env=env,
+                   check=True, capture_output=True, timeout=400)
+    assert sum(1 for _ in (tmp_path / "apo_lr_runs" / "teacher_student.jsonl").open()) == rows
+    assert "## Stage 1" in (tmp_path / "apo_lr_defaults.md").read_text()
+    assert (tmp_path / "apo_lr_teacher_student.png").stat().st_size > 1000

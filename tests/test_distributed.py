@@ -12,6 +12,8 @@ from helpers_subprocess import result, train
 def test_two_processes_match_each_other_and_one_process(tmp_path, apo):
     args = ["--max_steps", "6", "--save_strategy", "no", "--apo", apo.removesuffix("_next"), "--apo_meta_interval",
             "2", "--apo_meta_batch_fraction", "1.0"]
+    if apo == "lr":  # the paper's objective: the look-ahead backward on B and B′ bypasses DDP
+        args += ["--apo_loss_batch", "same"]
     if apo == "lr_next":  # the loss part from the (reduced) next gradient, the KL part all-reduced by APO
         args += ["--apo_loss_batch", "next", "--apo_lambda_fsd", "1", "--apo_meta_interval", "1"]
     if apo == "precond":

@@ -13,8 +13,10 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, apo):
     interval = "5" if apo == "lr_next" else "3"  # lr_next: checkpoint-5 holds a look-ahead awaiting step 6's gradient
     args = ["--max_steps", "12", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
             "--save_steps", "5", "--apo", apo.removesuffix("_next"), "--apo_meta_interval", interval, "--dropout", "0.1"]
+    if apo == "lr":  # the paper's objective: a meta step within one step()
+        args += ["--apo_loss_batch", "same"]
     if apo == "lr_next":
-        args += ["--apo_loss_batch", "next", "--apo_lambda_fsd", "0"]
+        args += ["--apo_loss_batch", "next", "--apo_lambda_fsd", "0", "--apo_horizon", "100"]  # D persists
     if apo == "precond":
         args += ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.05"]
     train(tmp_path / "straight", *args)

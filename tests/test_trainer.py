@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from hf_apo import APOLR, APOPrecond, APOSeq2SeqTrainer, APOSeq2SeqTrainingArguments, APOTrainer, APOTrainingArguments
-from hf_apo.apo_config import APO_DEFAULTS
+from hf_apo.apo_config import APO_DEFAULTS, DEFAULT_LOSS_BATCH
 from tiny import VOCAB, CopyDataset, tiny_t5
 
 
@@ -81,7 +81,9 @@ def test_apo_lr_rescues_a_tiny_learning_rate(tmp_path):
     logs = apo_logs(apo)
     multipliers = [h["apo/lr_multiplier"] for h in logs]
     assert multipliers[0] > 1 and max(multipliers) > 20
-    assert logs[-1]["apo/meta_steps"] == 30 and logs[-1]["apo/skipped_meta_steps"] == 0
+    # the default objective scores each look-ahead on the next batch: the last one (step 60) awaits a 61st gradient
+    assert apo.apo_optimizer.objective.loss_batch == "next"
+    assert logs[-1]["apo/meta_steps"] == 29 and logs[-1]["apo/skipped_meta_steps"] == 0
     assert losses(apo)[-1] < losses(plain)[-1] - 0.3
 
 
@@ -112,8 +114,8 @@ def test_precond_bf16_is_finite_improving_and_float32(tmp_path):
 def test_meta_steps_run_on_sync_steps_only_under_gradient_accumulation(tmp_path):
     trainer = APOSeq2SeqTrainer(
         model=tiny_t5(),
-        args=arguments(tmp_path, apo="lr", apo_meta_interval=1, gradient_accumulation_steps=3, max_steps=4,
-                       per_device_train_batch_size=4, logging_steps=1),
+        args=arguments(tmp_path, apo="lr", apo_loss_batch="same", apo_meta_interval=1, gradient_accumulation_steps=3,
+                       max_steps=4, per_device_train_batch_size=4, logging_steps=1),
         train_dataset=CopyDataset(),
     )
     seen = []
@@ -150,13 +152,19 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
     model = LossOnly()
     before = [p.detach().clone() for p in model.parameters()]
     trainer = APOTrainer(
-        model=model, args=arguments(tmp_path, cls=APOTrainingArguments, apo="lr", save_strategy="steps", save_steps=1),
+        model=model, args=arguments(tmp_path, cls=APOTrainingArguments, apo="lr", apo_lambda_fsd=1.0,
+                                    save_strategy="steps", save_steps=1),
         train_dataset=CopyDataset(),
     )
     with pytest.raises(ValueError, match="--apo_lambda_fsd"):
         trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     assert not any(name.startswith("checkpoint") for name in os.listdir(tmp_path))
+    # The default objective (next batch, no KL) needs no logits: the same model trains.
+    trainer = APOTrainer(model=model, args=arguments(tmp_path / "default", cls=APOTrainingArguments, apo="lr",
+                                                     max_steps=12), train_dataset=CopyDataset())
+    trainer.train()
+    assert trainer.apo_optimizer.meta_steps == 1
 
 
 @pytest.mark.parametrize(
@@ -200,7 +208,10 @@ def test_help_lists_apo_flags():
         assert flag in text
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "lr", "--apo_lambda_fsd", "3"])
     assert args.apo == "lr" and args.apo_lambda_fsd == 3.0 and args.apo_setting("apo_lambda_fsd") == 3.0
-    assert args.apo_effective_meta_lr == APO_DEFAULTS["lr"]["apo_meta_lr"]
+    assert args.apo_effective_meta_lr == APO_DEFAULTS[("lr", DEFAULT_LOSS_BATCH["lr"])]["apo_meta_lr"]
+    # --apo_loss_batch same alone is the paper's setting
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "lr", "--apo_loss_batch", "same"])
+    assert [args.apo_setting(f) for f in ("apo_lambda_fsd", "apo_horizon", "apo_meta_interval")] == [10.0, 1.0, 10]
     # Unset flags take their mode's default; what the user sets wins.
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "precond", "--optim", "sgd",
                                                   "--apo_meta_interval", "4"])
@@ -244,7 +255,8 @@ def test_apo_lr_trains_causal_lm_and_classifier(tmp_path, kind):
         ))
         dataset = _classification_dataset()
     trainer = APOTrainer(
-        model=model, args=arguments(tmp_path, cls=APOTrainingArguments, apo="lr", apo_meta_interval=2, max_steps=10),
+        model=model, args=arguments(tmp_path, cls=APOTrainingArguments, apo="lr", apo_loss_batch="same",
+                                    apo_meta_interval=2, max_steps=10),
         train_dataset=dataset,
     )
     trainer.train()
