@@ -199,3 +199,22 @@ def test_horizon_with_bf16_weights_keeps_a_float32_displacement():
     assert all(d.dtype == torch.float32 for d in optimizer._displacement)
     assert optimizer.meta_steps == 4 and optimizer.log_lr.dtype == torch.float32
     assert all(torch.isfinite(d).all() for d in optimizer._displacement)
+
+
+@pytest.mark.parametrize("loss_batch", ["same", "next"])
+def test_no_meta_step_while_the_scheduled_learning_rate_rises(loss_batch):
+    """A warm-up is the user's: φ stays put while the scheduler raises group["lr"], and learns once it stops."""
+    model = MLP()
+    objective = ProximalObjective(model, lambda_fsd=1.0, loss_batch=loss_batch)
+    optimizer = APOLR(model.parameters(), objective, lr=1e-3, meta_interval=1, meta_lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+    batch = mlp_batches(1)[0]
+    for step in range(1, 21):
+        model.zero_grad()
+        model(**batch)["loss"].backward()
+        optimizer.observe(batch)
+        optimizer.step()
+        scheduler.step()
+        if step == 10:  # steps 1-10 ran at rising LRs 1e-4 ... 1e-3: no meta step
+            assert optimizer.meta_steps == 0 and optimizer.lr_multipliers == [1.0]
+    assert optimizer.meta_steps >= 9 and optimizer.lr_multipliers != [1.0]
