@@ -106,6 +106,7 @@ def test_apo_lr_defaults_quick_applies_the_rule(tmp_path):
         completed = subprocess.run([sys.executable, script, *command, *common], cwd=REPO_ROOT, env=env,
                                    capture_output=True, text=True, timeout=400)
         assert completed.returncode == 0, completed.stderr[-4000:]
+    sys.path.insert(0, str(REPO_ROOT))  # the benchmarks are scripts beside the package, not installed with it
     from benchmarks.apo_lr_defaults import CANDIDATES, PAPER
 
     report = json.loads((tmp_path / "apo_lr_defaults.json").read_text())
