@@ -153,7 +153,9 @@ def markdown(report: dict) -> str:
     lines = ["# APO-LR defaults at long budgets", "",
              "Produced by `benchmarks/apo_lr_defaults.py` (the rule is in its docstring, written before the sweep); "
              "every number is a mean over seeds of the final validation loss. Relative numbers are against the best "
-             "fixed AdamW learning rate of the grid at the same budget.", ""]
+             "fixed AdamW learning rate of the grid at the same budget. The three `next_h*` candidates (a horizon) were "
+             "added while stage 1 ran, after the one-step next-batch objective decayed the learned LR on "
+             "digits_autoencoder; the rule was not changed (see `CANDIDATES`).", ""]
     rows = [[t, LONG_BUDGETS[t][0], len(LONG_BUDGETS[t][2]), fmt(s["best_fixed_lr"]), fmt(s["best_fixed_loss"]),
              " · ".join(f"{lr:g}: {fmt(v, 3)}" for lr, v in s["adamw_grid"].items())] for t, s in summary.items()]
     lines += ["## AdamW at constant learning rates", "",
