@@ -57,8 +57,8 @@ class APOArgumentsMixin:
         default=None,
         metadata={
             "help": "Weight of the function-space proximity term: KL between the model's output distributions before "
-            "and after the step, in nats per target token. Must be >= 0. Default: 10 for --apo lr, 10 for --apo "
-            "precond."
+            "and after the step, in nats per target token. Must be >= 0. Default: 0 for --apo lr with "
+            "--apo_loss_batch next, 10 with --apo_loss_batch same and for --apo precond."
         },
     )
     apo_loss_batch: str | None = field(
@@ -67,7 +67,9 @@ class APOArgumentsMixin:
             "help": "Where the meta-objective scores the loss after the look-ahead step: 'same' (the batch that gave "
             "the gradient, as in the paper; needs a proximity term) or 'next' (the next training batch, whose "
             "gradient the Trainer computes anyway: a meta step is then dot products, plus the KL pass when "
-            "--apo_lambda_fsd > 0; --apo lr only). Default: 'same'.",
+            "--apo_lambda_fsd > 0; --apo lr only). Default: 'next' for --apo lr (benchmarks/results/"
+            "apo_lr_defaults.md; 'same' alone restores the paper's settings), 'same' for --apo precond. APO-LR takes no "
+            "meta step while the scheduler warms the learning rate up.",
             "choices": list(APO_LOSS_BATCHES),
         },
     )
@@ -80,7 +82,8 @@ class APOArgumentsMixin:
         metadata={
             "help": "--apo_loss_batch next: the meta-objective weighs the losses of about this many future steps "
             "(discount 1 - 1/horizon) instead of the next one only; 1 is the greedy one-step objective, whose "
-            "learned LR decays too early in long runs. >= 1. Default: 1."
+            "learned LR decays too early in long runs. >= 1. Default: 10000 for --apo lr with --apo_loss_batch next, "
+            "else 1."
         },
     )
     apo_meta_batch_fraction: float = field(
