@@ -68,8 +68,8 @@ class APOArgumentsMixin:
             "the gradient, as in the paper; needs a proximity term) or 'next' (the next training batch, whose "
             "gradient the Trainer computes anyway: a meta step is then dot products, plus the KL pass when "
             "--apo_lambda_fsd > 0; --apo lr only). Default: 'next' for --apo lr (benchmarks/results/"
-            "apo_lr_defaults.md; 'same' alone restores the paper's settings), 'same' for --apo precond. APO-LR takes no "
-            "meta step while the scheduler warms the learning rate up.",
+            "apo_lr_defaults.md; 'same' alone restores the paper's settings), 'same' for --apo precond. APO-LR takes "
+            "no meta step while the scheduler warms the learning rate up.",
             "choices": list(APO_LOSS_BATCHES),
         },
     )
