@@ -129,7 +129,8 @@ class APOLR(MetaLearnedOptimizer):
         self.log_lr = torch.zeros(len(self.param_groups), dtype=torch.float32)
         self.meta_optimizer = torch.optim.Adam([self.log_lr], lr=self.meta_lr or 1.0, betas=self.meta_betas)
         self._multipliers = [1.0] * len(self.param_groups)
-        self._pending: _Lookahead | None = None  # loss_batch "next": the look-ahead awaiting the next gradient
+        # loss_batch "next": the look-ahead's part of ∂Q/∂φ per group and its value, awaiting the next gradient
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._displacement: list[torch.Tensor] | None = None  # loss_batch "next": D, the discounted sum of steps
         self._previous_scheduled_lrs: list[float] | None = None  # group["lr"] at the previous step(): warm-up?
         self._initialized = True
@@ -178,18 +179,20 @@ class APOLR(MetaLearnedOptimizer):
         elif self.objective.loss_batch == "same":
             self._meta_step()  # takes the base step itself, as the look-ahead
         else:
-            self._pending = self._lookahead(score_loss=False)  # finished at the next step, with its gradient
+            # finished at the next step, with its gradient; Δ is not kept (D holds what the loss term needs)
+            lookahead = self._lookahead(score_loss=False)
+            self._pending = (lookahead.meta_grad, lookahead.objective)
         if track:
             self._displacement_after_step()
 
     def _meta_step(self) -> None:
         """loss_batch "same": Q on B at θ′, φ ← φ_new, then the step already taken is rescaled to φ_new."""
-        pending = self._lookahead(score_loss=True)
-        changes = self._apply_meta_gradient(pending.meta_grad, pending.objective)
+        lookahead = self._lookahead(score_loss=True)
+        changes = self._apply_meta_gradient(lookahead.meta_grad, lookahead.objective)
         if changes is None:
             return
         # Rescale the step already taken to the one the new φ gives: θ′ += Δ · (exp(φ_new − φ) − 1).
-        groups = zip(_split(pending.params, pending.sizes), _split(pending.deltas, pending.sizes), changes)
+        groups = zip(_split(lookahead.params, lookahead.sizes), _split(lookahead.deltas, lookahead.sizes), changes)
         for group, group_deltas, change in groups:
             correction = math.expm1(change)
             if group and correction != 0.0:
@@ -270,8 +273,8 @@ class APOLR(MetaLearnedOptimizer):
         The step already taken is not rescaled: the gradient in ``.grad`` was computed at it, and the step that
         follows uses the updated φ. Under the Trainer, ``.grad`` is the reduced, unscaled and clipped gradient.
         """
-        pending, self._pending = self._pending, None
-        meta_grad = pending.meta_grad.clone()
+        (meta_grad, objective), self._pending = self._pending, None
+        meta_grad = meta_grad.clone()
         position = {id(p): index for index, p in enumerate(self._all_params())}
         for index, group in enumerate(self.param_groups):
             dots = [_dot(self._displacement[position[id(p)]], p.grad) for p in self._params_with_grad(group)]
@@ -279,7 +282,7 @@ class APOLR(MetaLearnedOptimizer):
                 meta_grad[index] += torch.stack(dots).sum().to(meta_grad.dtype)
         if self.objective.horizon == 1:
             self._displacement = None  # rebuilt at the next look-ahead: no persistent copy of the parameters
-        self._apply_meta_gradient(meta_grad, pending.objective)
+        self._apply_meta_gradient(meta_grad, objective)
 
     def _apply_meta_gradient(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> list[float] | None:
         """Reduce over ranks, guard, an Adam step on φ and the clamp; the change of φ per group (None: skipped)."""
@@ -297,7 +300,7 @@ class APOLR(MetaLearnedOptimizer):
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus an ``apo`` entry (φ, meta-Adam state, counters, last batch, and for
-        ``loss_batch="next"`` the look-ahead awaiting the next gradient: Δ, one copy of the parameters)."""
+        ``loss_batch="next"`` the look-ahead's terms awaiting the next gradient and D, one copy of the parameters)."""
         state = self.base_optimizer.state_dict()
         state["apo"] = {
             **self._meta_state(),
@@ -316,8 +319,8 @@ class APOLR(MetaLearnedOptimizer):
         if self._pending is None and self._displacement is None:
             return None
         return {
-            "meta_grad": None if self._pending is None else self._pending.meta_grad.clone(),
-            "objective": None if self._pending is None else self._pending.objective.clone(),
+            "meta_grad": None if self._pending is None else self._pending[0].clone(),
+            "objective": None if self._pending is None else self._pending[1].clone(),
             "displacement": None if self._displacement is None else [d.clone() for d in self._displacement],
         }
 
@@ -330,8 +333,7 @@ class APOLR(MetaLearnedOptimizer):
             self._displacement = [d.to(device=p.device) for d, p in zip(state["displacement"], params)]
         if state["meta_grad"] is not None:
             device = params[0].device if params else torch.device("cpu")
-            # which parameters the look-ahead updated is not needed any more: its terms are summed per group
-            self._pending = _Lookahead([], [], [], state["meta_grad"].to(device), state["objective"].to(device))
+            self._pending = (state["meta_grad"].to(device), state["objective"].to(device))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
