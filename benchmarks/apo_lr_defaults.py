@@ -245,20 +245,32 @@ def run_command(args) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the rule
 # ---------------------------------------------------------------------------------------------------------------
+def runs_by_method_and_lr(output_dir: Path, task: str, quick: bool) -> dict[tuple[str, float], list[dict]]:
+    """A task's finished runs at its budget, grouped by (method, initial LR)."""
+    steps = 30 if quick else LONG_BUDGETS[task][0]
+    by: dict[tuple[str, float], list[dict]] = {}
+    for r in load_runs(output_dir, task):
+        if r["steps"] == steps:
+            by.setdefault((r["method"], float(f"{r['lr']:.6g}")), []).append(r)
+    return by
+
+
+def grid_best(task: str, by: dict[tuple[str, float], list[dict]]) -> float | None:
+    """The best constant AdamW LR of the task's grid (None until the whole grid has run)."""
+    grid = ADAMW_GRID[task]
+    if any(("adamw", lr) not in by for lr in grid):
+        return None
+    return min(grid, key=lambda lr: mean_final(by[("adamw", lr)]))
+
+
 def cells(output_dir: Path, tasks, names, quick: bool) -> dict[tuple[str, float], dict[str, float]]:
     """(task, initial LR) → candidate → mean final validation loss; only cells every named candidate finished."""
     out = {}
     for task in tasks:
-        rows = load_runs(output_dir, task)
-        steps = 30 if quick else LONG_BUDGETS[task][0]
-        rows = [r for r in rows if r["steps"] == steps]
-        by = {}
-        for r in rows:
-            by.setdefault((r["method"], float(f"{r['lr']:.6g}")), []).append(r)
-        grid = [lr for lr in ADAMW_GRID[task] if ("adamw", lr) in by]
-        if len(grid) < len(ADAMW_GRID[task]):
+        by = runs_by_method_and_lr(output_dir, task, quick)
+        best = grid_best(task, by)
+        if best is None:
             continue
-        best = min(grid, key=lambda lr: mean_final(by[("adamw", lr)]))
         seeds = 1 if quick else len(LONG_BUDGETS[task][2])
         for lr in initial_lrs(best):
             entry = {n: mean_final(by[(n, lr)]) for n in names if len(by.get((n, lr), [])) >= seeds}

@@ -20,25 +20,17 @@ from benchmarks.apo_lr_defaults import (
     PAPER,
     SMALL_TASKS,
     cells,
+    grid_best,
     initial_lrs,
-    load_runs,
     mean_final,
     mean_ranks,
     ordered_by_rule,
     passes_per_step,
+    runs_by_method_and_lr,
 )
 from benchmarks.common import markdown_table, write_json
 
 TASKS = (*SMALL_TASKS, *LARGE_TASKS)
-
-
-def task_runs(output_dir: Path, task: str, quick: bool) -> dict[tuple[str, float], list[dict]]:
-    steps = 30 if quick else LONG_BUDGETS[task][0]
-    by: dict[tuple[str, float], list[dict]] = {}
-    for r in load_runs(output_dir, task):
-        if r["steps"] == steps:
-            by.setdefault((r["method"], float(f"{r['lr']:.6g}")), []).append(r)
-    return by
 
 
 def relative(value: float, reference: float) -> float:
@@ -54,12 +46,12 @@ def lr_at(row: dict, fraction: float) -> float | None:
 
 
 def summarize_task(output_dir: Path, task: str, names: list[str], quick: bool) -> dict | None:
-    by = task_runs(output_dir, task, quick)
-    grid = [lr for lr in ADAMW_GRID[task] if ("adamw", lr) in by]
-    if len(grid) < len(ADAMW_GRID[task]):
+    by = runs_by_method_and_lr(output_dir, task, quick)
+    best = grid_best(task, by)
+    if best is None:
         return None
+    grid = ADAMW_GRID[task]
     adamw = {lr: mean_final(by[("adamw", lr)]) for lr in grid}
-    best = min(grid, key=lambda lr: adamw[lr])
     out = {"best_fixed_lr": best, "best_fixed_loss": adamw[best], "adamw_grid": adamw,
            "adamw_train_final": {lr: statistics.fmean(r["train_final"] for r in by[("adamw", lr)]) for lr in grid},
            "candidates": {}}
@@ -211,7 +203,7 @@ def plot(output_dir: Path, summary: dict, name: str, quick: bool) -> list[str]:
 
     written = []
     for task, s in summary.items():
-        by = task_runs(output_dir, task, quick)
+        by = runs_by_method_and_lr(output_dir, task, quick)
         fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
         best = s["best_fixed_lr"]
         rows = by[("adamw", best)]
