@@ -42,8 +42,7 @@ class APOArgumentsMixin:
     apo_meta_interval: int | None = field(
         default=None,
         metadata={
-            "help": "Take a meta step every this many optimizer steps (K). Must be >= 1. Default: 10 for --apo "
-            "lr, 10 for --apo precond."
+            "help": "Take a meta step every this many optimizer steps (K). Must be >= 1. Default: 10."
         },
     )
     apo_meta_lr: float | None = field(

@@ -275,9 +275,10 @@ class APOLR(MetaLearnedOptimizer):
         """
         (meta_grad, objective), self._pending = self._pending, None
         meta_grad = meta_grad.clone()
-        position = {id(p): index for index, p in enumerate(self._all_params())}
-        for index, group in enumerate(self.param_groups):
-            dots = [_dot(self._displacement[position[id(p)]], p.grad) for p in self._params_with_grad(group)]
+        # D lists every parameter, group after group (the order of _all_params)
+        displacements = _split(self._displacement, [len(group["params"]) for group in self.param_groups])
+        for index, (group, group_displacement) in enumerate(zip(self.param_groups, displacements)):
+            dots = [_dot(d, p.grad) for p, d in zip(group["params"], group_displacement) if p.grad is not None]
             if dots:
                 meta_grad[index] += torch.stack(dots).sum().to(meta_grad.dtype)
         if self.objective.horizon == 1:
