@@ -46,8 +46,9 @@ class MethodSpec:
     """One optimizer configuration under test; ``kind`` picks the builder, the rest are its hyperparameters.
 
     kinds: ``adamw``, ``sgd`` (``momentum`` as given), ``apo_lr`` (APO-LR over AdamW), ``apo_precond``
-    (APO-Precond over SGD with ``momentum``), ``prodigy``, ``sf_adamw`` (schedule-free AdamW), ``soap``
-    (heavyball SOAP, the second-order peer, run eagerly: no torch.compile).
+    (APO-Precond over SGD with ``momentum``), ``prodigy``, ``sf_adamw`` (schedule-free AdamW), and heavyball's
+    second-order optimizers, run eagerly (no torch.compile): ``soap`` (SOAP), ``psgd_kron`` (PSGD-Kron) and
+    ``shampoo`` (KL-Shampoo, heavyball's Shampoo).
     The APO fields' own defaults are the paper's setting (same-batch loss, λ_FSD 10, K 10); hf_apo's APO-LR
     default is ``MethodSpec(name, "apo_lr", **apo_lr_defaults())``.
     ``schedule``: ``constant`` or ``warmup_cosine`` (linear warmup over ``warmup_fraction`` of the steps, then
@@ -69,6 +70,8 @@ class MethodSpec:
     loss_batch: str = "same"
     horizon: float = 1.0
     max_factor_dim: int = 1024
+    lookahead_steps: int = 1
+    spectral_meta_step: bool = True
 
     @property
     def is_apo(self) -> bool:
@@ -114,7 +117,8 @@ def build_optimizer(
         else:
             optimizer = APOPrecond(
                 params, objective, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
-                max_factor_dim=spec.max_factor_dim, **meta,
+                max_factor_dim=spec.max_factor_dim, lookahead_steps=spec.lookahead_steps,
+                spectral_meta_step=spec.spectral_meta_step, **meta,
             )
     elif spec.kind == "adamw":
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=wd)
@@ -132,6 +136,10 @@ def build_optimizer(
         optimizer.train()
     elif spec.kind == "soap":
         optimizer = heavyball_eager().SOAP(params, lr=spec.lr, weight_decay=wd)
+    elif spec.kind == "psgd_kron":
+        optimizer = heavyball_eager().PSGDKron(params, lr=spec.lr, weight_decay=wd)
+    elif spec.kind == "shampoo":
+        optimizer = heavyball_eager().KLShampoo(params, lr=spec.lr, weight_decay=wd)
     else:
         raise ValueError(f"unknown optimizer kind {spec.kind!r}")
 

@@ -104,6 +104,15 @@ class APOArgumentsMixin:
         },
     )
 
+    apo_lookahead_steps: int = field(
+        default=1,
+        metadata={
+            "help": "--apo precond with momentum: the look-ahead follows this many steps of the momentum buffer (no new "
+            "gradient), so the meta-objective sees the displacement the fresh preconditioned gradient will carry; "
+            "1 is the paper's one-step look-ahead. >= 1."
+        },
+    )
+
     def __post_init__(self):
         # Before the parent's checks: a DeepSpeed config would otherwise be loaded (and need deepspeed) first.
         self._validate_apo_fields()
@@ -128,6 +137,11 @@ class APOArgumentsMixin:
     def _validate_apo_fields(self) -> None:
         if self.apo not in APO_MODES:
             raise ValueError(f"--apo must be one of {', '.join(APO_MODES)}; got {self.apo!r}.")
+        if not isinstance(self.apo_lookahead_steps, int) or self.apo_lookahead_steps < 1:
+            raise ValueError(
+                f"--apo_lookahead_steps must be an integer >= 1 (1 is the one-step look-ahead); "
+                f"got {self.apo_lookahead_steps!r}."
+            )
         interval = self.apo_meta_interval
         if interval is not None and (not isinstance(interval, int) or interval < 1):
             raise ValueError(

@@ -92,6 +92,7 @@ class APOTrainerMixin:
                 base,
                 objective,
                 max_factor_dim=args.apo_max_factor_dim,
+                lookahead_steps=args.apo_lookahead_steps,
                 diagonal_row_params=vocabulary_weights(opt_model),
                 **meta,
             )

@@ -14,9 +14,16 @@ So with u = ∇_{θ′}Q = v + λ_WSD · Δ,
 
     ∇_φ Q = VJP of φ ↦ P_φ(g) with cotangent −η · c · u,
 
-one ``torch.autograd.grad`` through the small graph of L·G·R only. The look-ahead sees only the fresh P(g)
-although P(g) keeps acting through the momentum buffer for about 1/(1 − μ) steps: a known bias of the one-step
-objective (see the benchmarks).
+written by hand (:meth:`~hf_apo.factors.KroneckerFactors.vjp`: two matmuls per dense side, no autograd graph).
+
+Momentum. With momentum μ the fresh P(g) keeps acting through the buffer for about 1/(1 − μ) steps, which a
+one-step look-ahead does not see. ``lookahead_steps = n`` looks ahead n steps of the same update rule with no new
+gradient (and no weight decay): the buffer b′ after this step decays as μᵏ·b′, so
+
+    θ′ = θ + Δ − η · m · b′,   m = Σ_{k=1}^{n−1} μᵏ  (μᵏ⁺¹ with Nesterov),
+
+in closed form, and c grows by m times b′'s coefficient on P(g). n = 1 is the paper's one-step look-ahead; the
+proximity terms then measure the displacement the momentum will carry.
 
 The look-ahead writes θ′ into the parameters in place and restores θ from a copy afterwards (one extra copy of the
 parameters, on meta steps only); the momentum buffers are not touched by it.
@@ -29,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .factors import KroneckerFactors
+from .factors import FactorAdam, KroneckerFactors
 from .meta import MetaLearnedOptimizer
 from .objective import ProximalObjective
 
@@ -51,6 +58,11 @@ class APOPrecond(MetaLearnedOptimizer):
         diagonal_row_params: parameters whose rows index a vocabulary (input embeddings, LM heads): their row side
             is diagonal whatever its length. The Trainer glue passes the model's input and output embeddings.
         meta_betas: Adam betas of the meta-optimizer.
+        spectral_meta_step: a dense factor's meta step is normalized by its gradient's spectral norm, so it moves
+            the factor's spectrum by about ``meta_lr`` whatever its size (:class:`~hf_apo.factors.FactorAdam`);
+            False gives per-entry Adam.
+        lookahead_steps: how many steps of the momentum the look-ahead follows (see the module docstring); 1 is
+            the paper's one-step look-ahead. Without momentum it changes nothing.
     """
 
     def __init__(
@@ -69,6 +81,8 @@ class APOPrecond(MetaLearnedOptimizer):
         max_factor_dim: int = 1024,
         diagonal_row_params=(),
         meta_betas: tuple[float, float] = (0.9, 0.999),
+        lookahead_steps: int = 1,
+        spectral_meta_step: bool = True,
     ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}.")
@@ -78,6 +92,8 @@ class APOPrecond(MetaLearnedOptimizer):
             raise ValueError("nesterov needs momentum > 0 and dampening 0, as in torch.optim.SGD.")
         if not isinstance(max_factor_dim, int) or max_factor_dim < 1:
             raise ValueError(f"max_factor_dim must be an integer >= 1, got {max_factor_dim!r}.")
+        if not isinstance(lookahead_steps, int) or lookahead_steps < 1:
+            raise ValueError(f"lookahead_steps must be an integer >= 1, got {lookahead_steps!r}.")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults)
         if objective is not None and objective.loss_batch != "same":
@@ -87,11 +103,13 @@ class APOPrecond(MetaLearnedOptimizer):
             )
         self._init_meta(objective, meta_interval, meta_lr, meta_batch_fraction, meta_betas)
         self.max_factor_dim = max_factor_dim
+        self.lookahead_steps = lookahead_steps
         params_in_order = [p for group in self.param_groups for p in group["params"]]
         vocabulary = {id(p) for p in diagonal_row_params}
         self.factors = {p: KroneckerFactors(p, max_factor_dim, id(p) in vocabulary) for p in params_in_order}
-        self.meta_optimizer = torch.optim.Adam(
-            [t for f in self.factors.values() for t in f.tensors], lr=self.meta_lr or 1.0, betas=self.meta_betas
+        self.meta_optimizer = FactorAdam(
+            [t for f in self.factors.values() for t in f.tensors], lr=self.meta_lr or 1.0, betas=self.meta_betas,
+            spectral=spectral_meta_step,
         )
         self._initialized = True
 
@@ -106,17 +124,26 @@ class APOPrecond(MetaLearnedOptimizer):
         return cls(groups, objective, **meta_kwargs)
 
     # -- the update rule ------------------------------------------------------------------------------------
-    @staticmethod
-    def _coefficient(group: dict[str, Any], has_buffer: bool) -> float:
-        """c with ∂Δ/∂P(g) = −η · c (see the module docstring)."""
+    def _future_weight(self, group: dict[str, Any]) -> float:
+        """m: the weight of the new buffer b′ in the look-ahead's steps after the first (see the module docstring)."""
+        momentum = group["momentum"]
+        first = momentum * momentum if group["nesterov"] else momentum
+        return sum(first * momentum**k for k in range(self.lookahead_steps - 1)) if momentum else 0.0
+
+    def _coefficient(self, group: dict[str, Any], has_buffer: bool) -> float:
+        """c with ∂Δ/∂P(g) = −η · c for the look-ahead's displacement Δ (see the module docstring)."""
         momentum, dampening = group["momentum"], group["dampening"]
         if momentum == 0:
             return 1.0
         fresh = 1.0 if not has_buffer else 1.0 - dampening
-        return fresh * (1.0 + momentum) if group["nesterov"] else fresh
+        first = fresh * (1.0 + momentum) if group["nesterov"] else fresh
+        return first + fresh * self._future_weight(group)
 
-    def _direction(self, group, params, preconditioned, update_buffers: bool) -> list[torch.Tensor]:
-        """The step direction −Δ/η from P(g), as torch.optim.SGD computes it from g (same ops, same order)."""
+    def _direction(self, group, params, preconditioned, update_buffers: bool, lookahead: bool = False) -> list[torch.Tensor]:
+        """The step direction −Δ/η from P(g), as torch.optim.SGD computes it from g (same ops, same order).
+
+        ``lookahead``: the look-ahead's direction, which adds m · b′ for the momentum's later steps.
+        """
         momentum, dampening = group["momentum"], group["dampening"]
         directions = list(preconditioned)
         if group["weight_decay"] != 0:
@@ -136,8 +163,13 @@ class APOPrecond(MetaLearnedOptimizer):
                 buffer = buffer.mul(momentum).add_(d, alpha=1 - dampening)
             buffers.append(buffer)
         if group["nesterov"]:
-            return torch._foreach_add(directions, buffers, alpha=momentum)
-        return buffers
+            directions = torch._foreach_add(directions, buffers, alpha=momentum)
+        else:
+            directions = buffers
+        future = self._future_weight(group) if lookahead else 0.0
+        if future:
+            directions = torch._foreach_add(directions, buffers, alpha=future)
+        return directions
 
     def _update(self, meta_step_due: bool) -> None:
         if meta_step_due:
@@ -164,64 +196,53 @@ class APOPrecond(MetaLearnedOptimizer):
         if not params:
             return False
         target = self.objective.target(meta_batch)
-        factor_tensors = [t for p in params for t in self.factors[p].tensors]
-        for t in factor_tensors:
-            t.requires_grad_(True)
-        try:
-            return self._meta_update(groups, params, factor_tensors, batch, meta_batch, target)
-        finally:
-            for t in factor_tensors:
-                t.requires_grad_(False)
 
-    def _meta_update(self, groups, params, factor_tensors, batch, meta_batch, target) -> bool:
+        # θ′ = θ + Δ(φ) in place, group by group; cotangent scale −η·c per parameter
         theta = [p.detach().clone() for p in params]
-        with torch.enable_grad(), _no_autocast(params[0]):
-            preconditioned = [self.factors[p].precondition_differentiable(p.grad) for p in params]
-
-        # θ′ = θ + Δ(φ), in place; cotangent scale −η·c per parameter
-        scales, index = [], 0
+        scales = []
         for group, group_params in groups:
-            count = len(group_params)
-            if count:
-                group_preconditioned = [pg.detach().to(p.dtype) for pg, p in zip(preconditioned[index:index + count], group_params)]
-                directions = self._direction(group, group_params, group_preconditioned, update_buffers=False)
-                torch._foreach_add_(group_params, directions, alpha=-group["lr"])
-                for p in group_params:
-                    has_buffer = self.state[p].get("momentum_buffer") is not None
-                    scales.append(-group["lr"] * self._coefficient(group, has_buffer))
-            index += count
+            if not group_params:
+                continue
+            for p in group_params:
+                has_buffer = self.state[p].get("momentum_buffer") is not None
+                scales.append(-group["lr"] * self._coefficient(group, has_buffer))
+            with _no_autocast(group_params[0]):
+                preconditioned = [self.factors[p].precondition_full(p.grad).to(p.dtype) for p in group_params]
+            directions = self._direction(group, group_params, preconditioned, update_buffers=False, lookahead=True)
+            del preconditioned
+            torch._foreach_add_(group_params, directions, alpha=-group["lr"])
+            del directions
 
         result = self.objective.lookahead_gradient(params, batch, meta_batch, target)
         wsd = self.objective.lambda_wsd
         objective = result.objective.to(torch.float64)
-        cotangents = []
-        for p, theta_p, v, scale, pg in zip(params, theta, result.lookahead_grads, scales, preconditioned):
-            u = torch.zeros_like(pg) if v is None else v.to(pg.dtype)
-            if wsd:
-                delta = (p.detach() - theta_p).to(pg.dtype)
-                u = u + wsd * delta
-                objective = objective + 0.5 * wsd * delta.pow(2).sum().to(torch.float64)
-            cotangents.append(u * scale)
-        for p, theta_p in zip(params, theta):
-            p.copy_(theta_p)  # back to θ: the real step is taken by step() with the updated φ
-        del theta
-
-        with torch.enable_grad(), _no_autocast(params[0]):
-            meta_grads = torch.autograd.grad(preconditioned, factor_tensors, grad_outputs=cotangents, allow_unused=True)
-        meta_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(meta_grads, factor_tensors)]
+        meta_grads: list[torch.Tensor] = []
+        with _no_autocast(params[0]):
+            for index, (p, v, scale) in enumerate(zip(params, result.lookahead_grads, scales)):
+                factors = self.factors[p]
+                u = torch.zeros(p.shape, dtype=factors.dtype, device=p.device) if v is None else v.to(factors.dtype)
+                if wsd:
+                    delta = (p.detach() - theta[index]).to(factors.dtype)
+                    u = u + wsd * delta
+                    objective = objective + 0.5 * wsd * delta.pow(2).sum().to(torch.float64)
+                p.copy_(theta[index])  # back to θ: the real step is taken by step() with the updated φ
+                theta[index] = None
+                meta_grads.extend(factors.vjp(p.grad, u.mul_(scale)))
+        del theta, result
         flat = torch.cat([g.reshape(-1).to(torch.float64) for g in meta_grads])
         self.last_meta_gradient = meta_grads
         if not self._reduce_and_check(flat, objective.to(flat.device)):
             return False
 
         offset = 0
-        for t in factor_tensors:
-            t.grad = flat[offset:offset + t.numel()].view_as(t).to(t.dtype)
-            offset += t.numel()
-        self.meta_optimizer.step()
-        for t in factor_tensors:
-            t.grad = None
         for p in params:
+            for t in self.factors[p].tensors:
+                t.grad = flat[offset:offset + t.numel()].view_as(t).to(t.dtype)
+                offset += t.numel()
+        self.meta_optimizer.step()
+        for p in params:
+            for t in self.factors[p].tensors:
+                t.grad = None
             self.factors[p].refresh()
         return True
 

@@ -145,8 +145,9 @@ def assert_matches_finite_differences(fast, q_at, groups=2):
         assert relative_error < 1e-5, (index, fast[index].item(), finite_difference, relative_error)
 
 
-def reference_precond_step(model_theta, lookahead, grads, factors, buffers, group):
-    """θ′ for APO-Precond written out per parameter: P(g) = L·G·R, decay outside P, then SGD momentum."""
+def reference_precond_step(model_theta, lookahead, grads, factors, buffers, group, lookahead_steps=1):
+    """θ′ for APO-Precond written out per parameter: P(g) = L·G·R, decay outside P, then SGD momentum; then
+    ``lookahead_steps − 1`` more steps of that momentum with no new gradient and no decay, one by one."""
     with torch.no_grad():
         for p_theta, p, g, tensors, buffer in zip(model_theta.parameters(), lookahead.parameters(), grads, factors, buffers):
             if len(tensors) == 1:
@@ -159,6 +160,11 @@ def reference_precond_step(model_theta, lookahead, grads, factors, buffers, grou
                 new_buffer = d.clone() if buffer is None else group["momentum"] * buffer + (1 - group["dampening"]) * d
                 d = d + group["momentum"] * new_buffer if group["nesterov"] else new_buffer
             p.copy_(p_theta - group["lr"] * d)
+            if group["momentum"]:
+                for _ in range(lookahead_steps - 1):
+                    new_buffer = group["momentum"] * new_buffer
+                    d = group["momentum"] * new_buffer if group["nesterov"] else new_buffer
+                    p.sub_(group["lr"] * d)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "bart"])
@@ -168,8 +174,10 @@ def reference_precond_step(model_theta, lookahead, grads, factors, buffers, grou
         dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
         dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False),
         dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
+        dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, lookahead_steps=5),
+        dict(momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True, lookahead_steps=3),
     ],
-    ids=["sgd", "momentum", "nesterov"],
+    ids=["sgd", "momentum", "nesterov", "momentum_lookahead5", "nesterov_lookahead3"],
 )
 def test_apo_precond_meta_gradient_matches_finite_differences(kind, sgd):
     model, batches = make_problem(kind)
@@ -203,7 +211,8 @@ def test_apo_precond_meta_gradient_matches_finite_differences(kind, sgd):
     def q_at(step):
         lookahead = copy.deepcopy(model_theta)
         moved = [[t + step * d for t, d in zip(fs, ds)] for fs, ds in zip(factors, direction)]
-        reference_precond_step(model_theta, lookahead, grads, moved, buffers, optimizer.param_groups[0])
+        reference_precond_step(model_theta, lookahead, grads, moved, buffers, optimizer.param_groups[0],
+                               optimizer.lookahead_steps)
         return reference_q(model_theta, lookahead, batch, meta_batch_cut)
 
     optimizer.step()
