@@ -12,6 +12,9 @@ digits_classification  6,000   3      MLP 64-128-10 on sklearn digits, cross-ent
 digits_autoencoder     8,000   3      MLP 64-32-8-32-64, ½‖x − x̂‖²
 teacher_student        6,000   3      regression on a random teacher MLP, 50,000 examples
 translation            1,500   2      the example's number-words Marian model from scratch
+finetune               600     2      the pretrained Marian model fine-tuned through ``APOSeq2SeqTrainer``
+                                      (``finetune.py``; the Trainer's linear decay), ``--optim sgd --optim_args
+                                      momentum=0.9``: SGD-m and the candidates only, reported beside the rule
 =====================  ======  =====  =====================================================================
 
 Methods, per task:
@@ -66,10 +69,11 @@ from benchmarks.apo_lr_defaults import ADAMW_GRID, LONG_BUDGETS, load_runs as lo
 from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, environment, markdown_table
 from benchmarks.tasks import TASKS, run_once
 
-TASK_NAMES = ("digits_classification", "digits_autoencoder", "teacher_student", "translation")
+TASK_NAMES = ("digits_classification", "digits_autoencoder", "teacher_student", "translation", "finetune")
+RULE_TASKS = TASK_NAMES[:4]
 SMALL = TASK_NAMES[:3]
-SEEDS = {task: (0, 1, 2) for task in SMALL} | {"translation": (0, 1)}
-SGDM_GRID = {task: (1e-2, 3e-2, 1e-1) for task in SMALL} | {"translation": (3e-2, 1e-1)}
+SEEDS = {task: (0, 1, 2) for task in SMALL} | {"translation": (0, 1), "finetune": (0, 1)}
+SGDM_GRID = {task: (1e-2, 3e-2, 1e-1) for task in SMALL} | {"translation": (3e-2, 1e-1), "finetune": (1e-2, 3e-2, 1e-1)}
 CANDIDATES: dict[str, dict] = {
     "spectral": dict(meta_lr=0.01, spectral_meta_step=True, lookahead_steps=1),
     "spectral_look10": dict(meta_lr=0.03, spectral_meta_step=True, lookahead_steps=10),
@@ -119,15 +123,11 @@ class Sweep:
         for seed in seeds if seeds is not None else self.seeds:
             k = key(method, spec.lr, seed, self.steps, precision)
             if k not in self.done:
-                task = dataclasses.replace(TASKS[self.task], steps=self.steps, eval_every=self.eval_every)
-                if self._data is None:
-                    self._data = task.load(self.quick)
                 started = time.perf_counter()
-                result = run_once(task, self._data, spec, seed, precision)
+                result = self._train(spec, seed, precision)
                 row = {"task": self.task, "method": method, "lr": spec.lr, "seed": seed, "steps": self.steps,
-                       "precision": precision, "wall_s": round(time.perf_counter() - started, 2),
-                       "final": result["final"], "diverged": result["diverged"], "eval_steps": result["steps"],
-                       "losses": result["losses"], "train_time": result["train_time"], "spec": spec.to_dict()}
+                       "precision": precision, "wall_s": round(time.perf_counter() - started, 2), **result,
+                       "spec": spec.to_dict()}
                 path = runs_file(self.output_dir, self.task)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with path.open("a") as out:
@@ -137,6 +137,34 @@ class Sweep:
                       f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
             rows.append(self.done[k])
         return rows
+
+    def _train(self, spec: MethodSpec, seed: int, precision: str) -> dict:
+        if self.task == "finetune":
+            return self._finetune(spec, seed)
+        task = dataclasses.replace(TASKS[self.task], steps=self.steps, eval_every=self.eval_every)
+        if self._data is None:
+            self._data = task.load(self.quick)
+        result = run_once(task, self._data, spec, seed, precision)
+        return {"final": result["final"], "diverged": result["diverged"], "eval_steps": result["steps"],
+                "losses": result["losses"], "train_time": result["train_time"]}
+
+    def _finetune(self, spec: MethodSpec, seed: int) -> dict:
+        from benchmarks import finetune
+
+        settings = finetune.QUICK_PRETRAIN if self.quick else finetune.PRETRAIN
+        directory = finetune.CACHE_ROOT / ("finetune_pretrained_quick" if self.quick else "finetune_pretrained")
+        finetune.pretrained_checkpoint(directory, dict(settings))  # cached after the first call
+        flags = {"optim": "sgd", "optim_args": f"momentum={spec.momentum}", "apo": "none"}
+        if spec.kind == "apo_precond":
+            flags |= {"apo": "precond", "apo_meta_lr": spec.meta_lr, "apo_lookahead_steps": spec.lookahead_steps,
+                      "apo_spectral_meta_step": spec.spectral_meta_step}
+        options = {"eval_steps": self.eval_every, "logging_steps": 10 if not self.quick else 5}
+        if self.quick:
+            options["eval_pairs"] = 100
+        result = finetune.finetune_run(spec.lr, seed, flags, self.steps, pretrained_dir=directory, **options)
+        return {"final": result["final_eval_loss"] if not result["diverged"] else math.inf,
+                "diverged": result["diverged"], "eval_steps": result["eval_steps"], "losses": result["eval_losses"],
+                "train_time": None, "wall_s_with_evals": result["wall_s"]}
 
 
 def best_adamw_lr(output_dir: Path, task: str, quick: bool) -> float:
@@ -167,6 +195,8 @@ def run_command(args) -> None:
         base_lr = min(grid, key=lambda lr: mean_final(sgdm[lr]))
         for name in CANDIDATES:
             sweep.run(name, candidate_spec(name, base_lr))
+        if task == "finetune":
+            continue
         adamw_lr = best_adamw_lr(args.output_dir, task, args.quick)
         if args.quick:
             sweep.run("adamw", MethodSpec("adamw", "adamw", lr=adamw_lr))

@@ -8,7 +8,7 @@
 2. *Fine-tuning*, a different task: German → English (the reverse direction), trained on the training split's pairs
    reversed and evaluated on the first 500 validation pairs reversed (no number is in both splits).
 3. One run (:func:`finetune_run`) is ``APOSeq2SeqTrainer`` with the Trainer's defaults a user keeps (linear decay, no
-   warmup, ``adamw_torch``), batch 32, a given learning rate, seed and APO flags; it records the eval loss (per target
+   warmup, ``adamw_torch`` unless the flags set ``optim``), batch 32, a given learning rate, seed and APO flags; it records the eval loss (per target
    token, as the Trainer computes it) every 50 steps from step 0, the logged training losses, and the APO-LR
    multiplier and applied learning rate.
 
@@ -145,13 +145,14 @@ def finetune_run(learning_rate: float, seed: int, apo_args: dict, steps: int = 6
     train = encode(tokenizer, load_pairs("train"), src, tgt)
     evaluation = encode(tokenizer, load_pairs("validation")[:eval_pairs], src, tgt)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = APOSeq2SeqTrainingArguments(
+        settings = dict(
             output_dir=output_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=learning_rate,
             seed=seed, lr_scheduler_type="linear", warmup_steps=0, eval_strategy="steps", eval_steps=eval_steps,
             logging_steps=logging_steps, save_strategy="no", report_to="none", use_cpu=True, optim="adamw_torch",
             per_device_eval_batch_size=100, disable_tqdm=True,
             logging_nan_inf_filter=False,  # a diverged run must log its NaN, not the previous average
-            **apo_args)
+        )
+        args = APOSeq2SeqTrainingArguments(**{**settings, **apo_args})  # apo_args may set optim / optim_args
         trainer = trainer_for(model, tokenizer, args, train, evaluation)
         # step 0: the pretrained model on the new task (kept here: train() starts a new log history)
         initial = trainer.evaluate()["eval_loss"]

@@ -113,6 +113,14 @@ class APOArgumentsMixin:
         },
     )
 
+    apo_spectral_meta_step: bool = field(
+        default=True,
+        metadata={
+            "help": "--apo precond: normalize a dense factor's meta step by its gradient's spectral norm, so the "
+            "factor's spectrum moves by about --apo_meta_lr per meta step whatever its size. False: per-entry Adam."
+        },
+    )
+
     def __post_init__(self):
         # Before the parent's checks: a DeepSpeed config would otherwise be loaded (and need deepspeed) first.
         self._validate_apo_fields()

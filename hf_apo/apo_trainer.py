@@ -93,6 +93,7 @@ class APOTrainerMixin:
                 objective,
                 max_factor_dim=args.apo_max_factor_dim,
                 lookahead_steps=args.apo_lookahead_steps,
+                spectral_meta_step=args.apo_spectral_meta_step,
                 diagonal_row_params=vocabulary_weights(opt_model),
                 **meta,
             )

@@ -125,3 +125,35 @@ def test_apo_lr_defaults_quick_applies_the_rule(tmp_path):
     assert sum(1 for _ in (tmp_path / "apo_lr_runs" / "teacher_student.jsonl").open()) == rows
     assert "## Stage 1" in (tmp_path / "apo_lr_defaults.md").read_text()
     assert (tmp_path / "apo_lr_teacher_student.png").stat().st_size > 1000
+
+
+def test_apo_precond_compare_quick_applies_the_rule(tmp_path):
+    """Two tasks at 30 steps, then the report: the candidates ranked per task, the winner by the stated rule."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("heavyball")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    script = str(REPO_ROOT / "benchmarks" / "apo_precond_compare.py")
+    common = ["--quick", "--output_dir", str(tmp_path)]
+    for command in (["run", "--tasks", "digits_classification", "teacher_student"], ["report"]):
+        completed = subprocess.run([sys.executable, script, *command, *common], cwd=REPO_ROOT, env=env,
+                                   capture_output=True, text=True, timeout=400)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.apo_precond_compare import CANDIDATES, PEERS
+
+    report = json.loads((tmp_path / "apo_precond_compare.json").read_text())
+    rule = report["rule"]
+    assert rule["cells"] == 2 and set(rule["scores"]) == set(CANDIDATES)
+    # the winner has the best mean rank, or is within the tie margin of it
+    assert rule["scores"][rule["winner"]] <= min(rule["scores"].values()) + 0.25
+    ranks = {name: [] for name in CANDIDATES}
+    for task in ("digits_classification", "teacher_student"):
+        methods = report["tasks"][task]["methods"]
+        assert {*CANDIDATES, *PEERS, "adamw"} <= set(methods)
+        for position, name in enumerate(sorted(CANDIDATES, key=lambda n: methods[n]["final_mean"]), start=1):
+            ranks[name].append(position)
+        assert set(report["tasks"][task]["precision"]) == {"sgdm", "spectral", "adamw", "soap"}
+    assert rule["scores"] == pytest.approx({name: sum(r) / len(r) for name, r in ranks.items()})
+    assert len(report["targets"]) == 5
+    assert (tmp_path / "apo_precond_compare.png").stat().st_size > 1000
