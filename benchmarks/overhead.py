@@ -62,12 +62,13 @@ SEQ_LEN = 16
 
 # d_model -> (d_ff, heads); T5 convention d_ff = 4·d_model, head size 32 (64 from d_model 512 on)
 # "tiny" is the shape of the translation example's T5 (examples/translation/offline_default.py: d_model 128,
-# d_ff 512, 4 heads of 32, 2 + 2 layers); "d64" is smaller still, d256 and d512 are the wider ones.
+# d_ff 512, 4 heads of 32, 2 + 2 layers); "d64" is smaller still, d256, d512 and d1024 are the wider ones.
 SIZES = {
     "d64": dict(d_model=64, d_ff=256, num_heads=2),
     "tiny": dict(d_model=128, d_ff=512, num_heads=4),
     "d256": dict(d_model=256, d_ff=1024, num_heads=8),
     "d512": dict(d_model=512, d_ff=2048, num_heads=8),
+    "d1024": dict(d_model=1024, d_ff=4096, num_heads=16),
 }
 
 # The optimizers every size runs, and the APO-LR levers: of the paper's objective (meta batch fraction × meta interval,
@@ -260,13 +261,16 @@ def cuda_peak_bytes(spec: MethodSpec, size: str, batches, total_steps: int) -> i
 
 
 def factor_memory(size: str) -> dict[str, float]:
-    """APO-Precond's factor memory (factors + cache + 2 Adam moments) over the parameter memory, per cap."""
+    """APO-Precond's factor memory over the parameter memory, per cap: a dense factor keeps itself, its cached AAᵀ
+    and one meta-Adam moment (its second moment is one number, ``FactorAdam``); a diagonal one, two moments."""
     model = build_model(size)
     param_numel = sum(p.numel() for p in model.parameters())
     ratios = {}
     for cap in FACTOR_CAPS:
-        numel = sum(KroneckerFactors(p, cap).numel() for p in model.parameters())
-        ratios[f"cap_{cap}"] = 4 * numel / param_numel  # factor, cached AAᵀ, 2 meta-Adam moments
+        numel = 0
+        for p in model.parameters():
+            numel += sum((3 if t.dim() == 2 else 4) * t.numel() for t in KroneckerFactors(p, cap).tensors)
+        ratios[f"cap_{cap}"] = numel / param_numel
     return ratios
 
 
@@ -417,41 +421,49 @@ def add_peaks(out: dict, peaks: dict[str, int | None], param_b: int) -> None:
         entry["peak_minus_adamw_over_params"] = ((peak - adamw_peak) / param_b) if peak and adamw_peak else None
 
 
+def _get(methods: dict, name: str, key: str):
+    """A method's measurement, or None where the method did not run (``--methods``)."""
+    return methods.get(name, {}).get(key)
+
+
+def _le(value, bound):
+    return None if value is None else value <= bound
+
+
 def add_headline(results: dict) -> None:
-    """The top-level keys (tiny model) and per-size ratios, and the targets, met or not."""
+    """The top-level keys (tiny model) and per-size ratios, and the targets, met or not (None: not measured)."""
     sizes = results["sizes"]
     first = "tiny" if "tiny" in sizes else next(iter(sizes))
     tiny = sizes[first]["methods"]
     results["headline_size"] = first
-    results["apo_lr_step_ratio"] = tiny["apo_lr"]["step_ratio"]
-    results["apo_precond_step_ratio"] = tiny["apo_precond"]["step_ratio"]
-    results["apo_lr_peak_mem_ratio"] = tiny["apo_lr"]["peak_mem_ratio"] or tiny["apo_lr"]["state_mem_ratio"]
-    results["apo_precond_peak_mem_ratio"] = tiny["apo_precond"]["peak_mem_ratio"] or tiny["apo_precond"]["state_mem_ratio"]
-    results["apo_lr_state_mem_ratio"] = tiny["apo_lr"]["state_mem_ratio"]
-    results["apo_precond_state_mem_ratio"] = tiny["apo_precond"]["state_mem_ratio"]
+    for name in ("apo_lr", "apo_precond"):
+        results[f"{name}_step_ratio"] = _get(tiny, name, "step_ratio")
+        results[f"{name}_peak_mem_ratio"] = _get(tiny, name, "peak_mem_ratio") or _get(tiny, name, "state_mem_ratio")
+        results[f"{name}_state_mem_ratio"] = _get(tiny, name, "state_mem_ratio")
     results["per_size"] = {}
     targets = {}
     for size, entry in sizes.items():
         methods = entry["methods"]
         row = {
             "param_count": entry["param_count"],
-            "apo_lr_step_ratio": methods["apo_lr"]["step_ratio"],
-            "apo_precond_step_ratio": methods["apo_precond"]["step_ratio"],
-            "apo_lr_peak_mem_ratio": methods["apo_lr"]["peak_mem_ratio"],
-            "apo_precond_peak_mem_ratio": methods["apo_precond"]["peak_mem_ratio"],
-            "second_order_peer_step_ratio": methods.get(SECOND_ORDER_PEER, {}).get("step_ratio"),
+            "apo_lr_step_ratio": _get(methods, "apo_lr", "step_ratio"),
+            "apo_precond_step_ratio": _get(methods, "apo_precond", "step_ratio"),
+            "apo_lr_peak_mem_ratio": _get(methods, "apo_lr", "peak_mem_ratio"),
+            "apo_precond_peak_mem_ratio": _get(methods, "apo_precond", "peak_mem_ratio"),
+            "second_order_peer_step_ratio": _get(methods, SECOND_ORDER_PEER, "step_ratio"),
         }
         for name, method in methods.items():
             row[f"{name}_step_ratio"] = method["step_ratio"]
             row[f"{name}_peak_mem_ratio"] = method["peak_mem_ratio"]
         results["per_size"][size] = row
-        peer = row["second_order_peer_step_ratio"]
-        extra = methods["apo_lr"]["peak_minus_adamw_over_params"]
+        peer, precond = row["second_order_peer_step_ratio"], row["apo_precond_step_ratio"]
+        extra = _get(methods, "apo_lr", "peak_minus_adamw_over_params")
         targets[size] = {
-            "apo_lr_step_ratio_le_1.10": row["apo_lr_step_ratio"] <= 1.10,
-            "apo_precond_step_ratio_le_1.25": row["apo_precond_step_ratio"] <= 1.25,
-            "apo_precond_below_second_order_peer": (row["apo_precond_step_ratio"] < peer) if peer else None,
-            "apo_lr_peak_le_adamw_plus_one_param_copy": (extra <= 1.0) if extra is not None else None,
+            "apo_lr_step_ratio_le_1.10": _le(row["apo_lr_step_ratio"], 1.10),
+            "apo_precond_step_ratio_le_1.25": _le(precond, 1.25),
+            "apo_precond_below_second_order_peer": (precond < peer) if peer and precond else None,
+            "apo_precond_peak_le_2x_adamw": _le(row["apo_precond_peak_mem_ratio"], 2.0),
+            "apo_lr_peak_le_adamw_plus_one_param_copy": _le(extra, 1.0),
             "apo_lr_peak_minus_adamw_in_param_copies": extra,
         }
     results["targets"] = targets
@@ -481,7 +493,7 @@ def markdown(results: dict) -> str:
     t = results["targets_headline"]
     peer = results["per_size"][results["headline_size"]]["second_order_peer_step_ratio"]
     peer_text = f"{peer:.3g}" if peer is not None else "not run"
-    precond_met = t["apo_precond_step_ratio_le_1.25"] and t["apo_precond_below_second_order_peer"]
+    precond_met = t["apo_precond_step_ratio_le_1.25"] and t["apo_precond_below_second_order_peer"] is not False
     lines.append(markdown_table(["quantity", "value", "target", "met"], [
         ["APO-LR step time / AdamW", results["apo_lr_step_ratio"], "≤ 1.10", _yes(t["apo_lr_step_ratio_le_1.10"])],
         ["APO-Precond step time / AdamW", results["apo_precond_step_ratio"],
@@ -489,7 +501,8 @@ def markdown(results: dict) -> str:
         ["APO-LR peak memory / AdamW", results["apo_lr_peak_mem_ratio"],
          "≤ AdamW + 1 copy of the parameters", _yes(t["apo_lr_peak_le_adamw_plus_one_param_copy"])],
         ["APO-LR peak − AdamW peak, in parameter copies", t["apo_lr_peak_minus_adamw_in_param_copies"], "≤ 1", ""],
-        ["APO-Precond peak memory / AdamW", results["apo_precond_peak_mem_ratio"], "—", ""],
+        ["APO-Precond peak memory / AdamW", results["apo_precond_peak_mem_ratio"], "≤ 2",
+         _yes(t["apo_precond_peak_le_2x_adamw"])],
     ]))
     lines += ["", "## Targets per size", ""]
     rows = []
@@ -499,10 +512,12 @@ def markdown(results: dict) -> str:
                      row["apo_precond_step_ratio"], row["second_order_peer_step_ratio"],
                      _yes(t["apo_precond_step_ratio_le_1.25"]), _yes(t["apo_precond_below_second_order_peer"]),
                      row["apo_lr_peak_mem_ratio"], t["apo_lr_peak_minus_adamw_in_param_copies"],
-                     _yes(t["apo_lr_peak_le_adamw_plus_one_param_copy"])])
+                     _yes(t["apo_lr_peak_le_adamw_plus_one_param_copy"]), row["apo_precond_peak_mem_ratio"],
+                     _yes(t["apo_precond_peak_le_2x_adamw"])])
     lines.append(markdown_table(
         ["size", "params", "APO-LR step ×", "≤1.10", "APO-Precond step ×", f"{SECOND_ORDER_PEER} step ×", "≤1.25",
-         "< peer", "APO-LR peak ×", "APO-LR extra peak (param copies)", "≤ +1 copy"], rows))
+         "< peer", "APO-LR peak ×", "APO-LR extra peak (param copies)", "≤ +1 copy", "APO-Precond peak ×", "≤ 2"],
+        rows))
     for size, entry in results["sizes"].items():
         lines += ["", f"## {size}: {entry['param_count']:,} parameters, AdamW step {entry['adamw_step_s'] * 1e3:.1f} ms, "
                   f"{entry['reps']} repetitions", ""]
@@ -515,14 +530,14 @@ def markdown(results: dict) -> str:
             ["method", "step ms", "step ×AdamW", "plain step ×AdamW", "meta step (AdamW steps)", "peak mem ×AdamW",
              "state / params", "params+grads+state ×AdamW"], rows))
         for name in ("apo_lr", "apo_precond"):
-            parts = entry["methods"][name].get("meta_step_breakdown_fraction")
+            parts = entry["methods"].get(name, {}).get("meta_step_breakdown_fraction")
             if parts:
                 lines.append("")
                 lines.append(f"{name} meta step ({entry['methods'][name]['meta_step_median_s'] * 1e3:.1f} ms): " + ", ".join(
                     f"{k} {100 * v:.0f}%" for k, v in parts.items()))
         caps = entry["factor_memory_over_params"]
         lines.append("")
-        lines.append("APO-Precond factor memory (factors + cached AAᵀ/BBᵀ + 2 meta-Adam moments) / parameter memory, "
+        lines.append("APO-Precond factor memory (factors + cached AAᵀ/BBᵀ + meta-Adam state) / parameter memory, "
                      "by max_factor_dim: " + ", ".join(f"{k[4:]}: {v:.2f}" for k, v in caps.items()))
     lines.append("")
     return "\n".join(lines)
