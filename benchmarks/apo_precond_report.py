@@ -13,7 +13,7 @@ from pathlib import Path
 
 from benchmarks.apo_lr_defaults import LONG_BUDGETS, load_runs as load_apo_lr_runs, mean_final
 from benchmarks.apo_precond_compare import (
-    CANDIDATES, PEERS, PRECISION_METHODS, PRECISIONS, RULE_TASKS, SEEDS, SGDM_GRID, SMALL, TASK_NAMES, TIE,
+    CANDIDATES, PEER_SEEDS, PEERS, PRECISION_METHODS, PRECISIONS, RULE_TASKS, SEEDS, SGDM_GRID, SMALL, TASK_NAMES, TIE,
     best_adamw_lr, load_runs,
 )
 from benchmarks.common import markdown_table, write_json
@@ -76,7 +76,7 @@ def summarize_task(output_dir: Path, task: str, quick: bool) -> dict | None:
     methods: dict[str, dict] = {}
 
     def add(name: str, rows: list[dict], lr: float) -> None:
-        if len(rows) >= seeds:
+        if len(rows) >= (seeds if quick else len(PEER_SEEDS.get((task, name), SEEDS[task]))):
             finals = [r["final"] for r in rows]
             methods[name] = {"lr": lr, "final_mean": mean_final(rows), "finals": finals,
                              "std": statistics.stdev(finals) if len(finals) > 1 and all(map(math.isfinite, finals)) else 0.0,
@@ -109,8 +109,11 @@ def summarize_task(output_dir: Path, task: str, quick: bool) -> dict | None:
                 continue
             seconds = min(m["train_s"], soap["train_s"])
             m["equal_time_s"] = seconds
-            m["equal_time_loss"] = _at_time(m["rows"], seconds)
-            m["equal_time_soap_loss"] = _at_time(soap["rows"], seconds)
+            # paired by seed: the seeds both ran
+            both = {r["seed"] for r in m["rows"]} & {r["seed"] for r in soap["rows"]}
+            mine, peer = [r for r in m["rows"] if r["seed"] in both], [r for r in soap["rows"] if r["seed"] in both]
+            m["equal_time_loss"] = _at_time(mine, seconds)
+            m["equal_time_soap_loss"] = _at_time(peer, seconds)
             m["vs_soap_equal_time"] = m["equal_time_loss"] / m["equal_time_soap_loss"] - 1
             m["vs_soap_equal_steps"] = m["final_mean"] / soap["final_mean"] - 1
     precision = {}
