@@ -182,6 +182,7 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
         ({"apo": "lr", "apo_loss_batch": "next", "apo_horizon": 0.5}, "--apo_horizon"),
         ({"apo": "lr", "apo_loss_batch": "same", "apo_horizon": 100}, "--apo_loss_batch next"),
         ({"apo": "precond", "optim": "sgd", "apo_loss_batch": "next"}, "--apo_loss_batch next"),
+        ({"apo": "precond", "optim": "sgd", "apo_lookahead_steps": 0}, "--apo_lookahead_steps"),
         ({"apo": "lr", "deepspeed": "ds_config.json"}, "DeepSpeed"),
         ({"apo": "lr", "fsdp": "full_shard"}, "FSDP"),
     ],
@@ -204,7 +205,7 @@ def test_help_lists_apo_flags():
     text = parser.format_help()
     for flag in ("--apo {none,lr,precond}", "--apo_meta_interval", "--apo_meta_lr", "--apo_lambda_fsd",
                  "--apo_lambda_wsd", "--apo_meta_batch_fraction", "--apo_lr_clamp", "--apo_max_factor_dim",
-                 "--apo_loss_batch {same,next}", "--apo_horizon"):
+                 "--apo_loss_batch {same,next}", "--apo_horizon", "--apo_lookahead_steps", "--apo_spectral_meta_step"):
         assert flag in text
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "lr", "--apo_lambda_fsd", "3"])
     assert args.apo == "lr" and args.apo_lambda_fsd == 3.0 and args.apo_setting("apo_lambda_fsd") == 3.0
