@@ -33,12 +33,39 @@ from typing import Any
 import torch
 from torch import nn
 
+try:  # FSDP2 (torch.distributed.fsdp.fully_shard): sharded parameters are DTensors
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without torch.distributed
+    _FSDPModule = _DTensor = None
+
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
 DivergenceFn = Callable[[Any, Any, Batch], torch.Tensor]
 
 DIVERGENCES = ("kl", "squared_error")
 LOSS_BATCHES = ("same", "next")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter or gradient of an FSDP2 ``fully_shard`` model)."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place ops reach the parameter), the tensor itself otherwise."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the parameters FSDP2 gathered for a forward without backward.
+
+    The root ``fully_shard`` module keeps its gathered parameters after a forward (the backward would need them);
+    after a no-grad forward nothing frees them, and the next forward would run on those stale copies even after
+    the optimizer changed the shards (measured: the look-ahead forward then ran at θ, not θ′).
+    """
+    if _FSDPModule is not None and isinstance(model, _FSDPModule):
+        model.reshard()
 
 
 def default_forward(model: nn.Module, batch: Batch) -> Any:
@@ -264,6 +291,7 @@ class ProximalObjective:
             return None
         with self._eval_mode():
             outputs = self.forward(self.model, meta_batch)
+        reshard(self.model)  # under FSDP2 the step that follows changes the shards
         if callable(self.divergence):
             return outputs
         return self._distribution(outputs, meta_batch).detach()
@@ -287,8 +315,15 @@ class ProximalObjective:
         the parameters; B and B′ are then back-propagated one after the other, so only one of their activation
         graphs is alive at a time. Either way DDP reduces nothing: the optimizer all-reduces its small
         meta-gradient itself.
+
+        Sharded parameters (FSDP2) need ``into_grad=True``: autograd does not reach them (the forward uses gathered
+        copies), so v comes from FSDP's own backward, reduce-scattered into ``.grad``: this rank's shard of the
+        mean of v over the data-parallel ranks.
         """
         params = list(params)
+        sharded = any(is_sharded(p) for p in params)
+        if sharded and not into_grad:
+            raise ValueError("lookahead_gradient on sharded (FSDP2) parameters needs into_grad=True.")
         if into_grad:
             for p in params:
                 p.grad = None  # freed, not zeroed: backward allocates v as it goes, as a training backward does
@@ -301,12 +336,14 @@ class ProximalObjective:
                 objective = loss + self._function_space_term(meta_batch, target)
                 grads = torch.autograd.grad(objective, params, allow_unused=True)
                 return MetaStepResult(objective=objective.detach(), lookahead_grads=list(grads))
+            # FSDP2: backward(inputs=...) with the sharded parameters silently computes nothing
+            inputs = None if sharded else params
             if batch is not None:
-                loss.backward(inputs=params)
+                loss.backward(inputs=inputs)
             objective = loss.detach()
             if self.uses_meta_batch:
                 fsd = self._function_space_term(meta_batch, target)
-                fsd.backward(inputs=params)
+                fsd.backward(inputs=inputs)
                 objective = objective + fsd.detach()
             return MetaStepResult(objective=objective, lookahead_grads=[p.grad for p in params])
 
