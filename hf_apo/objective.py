@@ -58,14 +58,18 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def reshard(model: nn.Module) -> None:
-    """Free the parameters FSDP2 gathered for a forward without backward.
+    """Free the parameters FSDP2 gathered for a forward without backward, in every ``fully_shard`` unit.
 
-    The root ``fully_shard`` module keeps its gathered parameters after a forward (the backward would need them);
-    after a no-grad forward nothing frees them, and the next forward would run on those stale copies even after
-    the optimizer changed the shards (measured: the look-ahead forward then ran at θ, not θ′).
+    The root unit, and any unit with ``reshard_after_forward=False`` (Accelerate's embedding/LM-head unit), keeps
+    its gathered parameters after a forward, for the backward; after a no-grad forward nothing frees them, and the
+    next forward would run on those stale copies even after the optimizer changed the shards (measured: the
+    look-ahead forward then ran at θ for those units, not θ′).
     """
-    if _FSDPModule is not None and isinstance(model, _FSDPModule):
-        model.reshard()
+    if _FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, _FSDPModule):
+            module.reshard()
 
 
 def default_forward(model: nn.Module, batch: Batch) -> Any:

@@ -112,14 +112,42 @@ class APOPrecond(MetaLearnedOptimizer):
         self._init_meta(objective, meta_interval, meta_lr, meta_batch_fraction, meta_betas)
         self.max_factor_dim = max_factor_dim
         self.lookahead_steps = lookahead_steps
-        params_in_order = [p for group in self.param_groups for p in group["params"]]
+        self.spectral_meta_step = spectral_meta_step
         vocabulary = {id(p) for p in diagonal_row_params}
-        self.factors = {p: KroneckerFactors(p, max_factor_dim, id(p) in vocabulary) for p in params_in_order}
+        self._diagonal_rows = [id(p) in vocabulary for p in self._all_params()]
+        self._build_factors()
+        self._initialized = True
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _build_factors(self) -> None:
+        """Identity factors for the parameters in ``param_groups`` (in order) and a fresh meta-optimizer."""
+        params = self._all_params()
+        self.factors = {
+            p: KroneckerFactors(p, self.max_factor_dim, diagonal) for p, diagonal in zip(params, self._diagonal_rows)
+        }
         self.meta_optimizer = FactorAdam(
             [t for f in self.factors.values() for t in f.tensors], lr=self.meta_lr or 1.0, betas=self.meta_betas,
-            spectral=spectral_meta_step,
+            spectral=self.spectral_meta_step,
         )
-        self._initialized = True
+
+    def _follow_replaced_params(self) -> None:
+        """Rebuild the factors if the parameters were replaced after construction.
+
+        Accelerate's FSDP2 ``prepare`` (the Trainer builds the optimizer first) swaps each parameter in
+        ``param_groups`` for its sharded DTensor; the factors must then be those of the shards. That is only sound
+        while the factors are still the identity, i.e. before the first meta step.
+        """
+        params = self._all_params()
+        if len(params) == len(self.factors) and all(p in self.factors for p in params):
+            return
+        if self.meta_steps or any(not f.is_identity for f in self.factors.values()):
+            raise RuntimeError(
+                "APO-Precond: the optimizer's parameters were replaced after meta steps had shaped the factors; "
+                "build the optimizer after wrapping or sharding the model."
+            )
+        self._build_factors()
 
     @classmethod
     def from_sgd(cls, sgd: torch.optim.SGD, objective: ProximalObjective | None = None, **meta_kwargs: Any):
@@ -180,6 +208,7 @@ class APOPrecond(MetaLearnedOptimizer):
         return directions
 
     def _update(self, meta_step_due: bool) -> None:
+        self._follow_replaced_params()
         if meta_step_due:
             self.meta_update()
         for group in self.param_groups:
@@ -304,6 +333,7 @@ class APOPrecond(MetaLearnedOptimizer):
         super().load_state_dict(state_dict)
         if apo is None:
             return
+        self._follow_replaced_params()  # a resumed Trainer run loads after Accelerate's FSDP2 prepare
         self._load_meta_state(apo)
         for factors, saved, is_identity in zip(self.factors.values(), apo["factors"], apo["factor_is_identity"]):
             for tensor, value in zip(factors.tensors, saved):
