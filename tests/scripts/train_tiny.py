@@ -120,6 +120,7 @@ def main():
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     result = {
         "params": [full(p.detach()).cpu().clone() for p in trainer.model.parameters()],
+        "sharded": any(is_sharded(p) for p in trainer.model.parameters()),
         "meta": meta_parameters(trainer.apo_optimizer),
         "log_history": trainer.state.log_history,
     }
