@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 try:  # FSDP2 (torch.distributed.fsdp.fully_shard): sharded parameters are DTensors
@@ -153,6 +154,26 @@ def squared_error_divergence(target: torch.Tensor, prediction: torch.Tensor) -> 
     dtype = torch.promote_types(prediction.dtype, torch.float32)
     diff = prediction.to(dtype) - target.detach().to(dtype)
     return 0.5 * diff.reshape(diff.shape[0], -1).pow(2).sum(dim=1).mean()
+
+
+def _shares_of_global_count(counts: list[int | None], device) -> list[float]:
+    """Each count times the number of ranks over its sum over ranks: the weight that turns a rank's mean into its part
+    of the global mean, which the mean over ranks of the meta-gradient then forms (1.0 in a single process, for
+    equal counts on every rank, and for an unknown count, None).
+
+    As the Trainer weighs the training loss by ``num_items_in_batch``: with per-rank token means, ranks with fewer
+    target tokens would weigh as much as ranks with more, and several processes would not equal one.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [1.0] * len(counts)
+    local = torch.tensor([float(c or 0) for c in counts], dtype=torch.float64, device=device)
+    totals = local.clone()
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    world = dist.get_world_size()
+    return [
+        1.0 if c is None or total == 0 else float(c) * world / float(total)
+        for c, total in zip(counts, totals.tolist())
+    ]
 
 
 @dataclass
@@ -328,16 +349,22 @@ class ProximalObjective:
         sharded = any(is_sharded(p) for p in params)
         if sharded and not into_grad:
             raise ValueError("lookahead_gradient on sharded (FSDP2) parameters needs into_grad=True.")
+        device = params[0].device if params else None
+        loss_share, meta_share = _shares_of_global_count(
+            [None if batch is None else self._loss_items(batch), self._meta_items(target)], device
+        )
         if into_grad:
             for p in params:
                 p.grad = None  # freed, not zeroed: backward allocates v as it goes, as a training backward does
         with torch.enable_grad(), self._eval_mode():
             if batch is None:
-                loss = torch.zeros((), device=params[0].device if params else None)
+                loss = torch.zeros((), device=device)
             else:
                 loss = self._loss(self.forward(self.model, batch))
+                if loss_share != 1.0:
+                    loss = loss * loss_share
             if not into_grad:
-                objective = loss + self._function_space_term(meta_batch, target)
+                objective = loss + self._function_space_term(meta_batch, target, meta_share)
                 grads = torch.autograd.grad(objective, params, allow_unused=True)
                 return MetaStepResult(objective=objective.detach(), lookahead_grads=list(grads))
             # FSDP2: backward(inputs=...) with the sharded parameters silently computes nothing
@@ -346,17 +373,31 @@ class ProximalObjective:
                 loss.backward(inputs=inputs)
             objective = loss.detach()
             if self.uses_meta_batch:
-                fsd = self._function_space_term(meta_batch, target)
+                fsd = self._function_space_term(meta_batch, target, meta_share)
                 fsd.backward(inputs=inputs)
                 objective = objective + fsd.detach()
             return MetaStepResult(objective=objective, lookahead_grads=[p.grad for p in params])
 
-    def _function_space_term(self, meta_batch: Batch | None, target: Any) -> torch.Tensor | float:
+    def _function_space_term(self, meta_batch: Batch | None, target: Any, share: float = 1.0) -> torch.Tensor | float:
         """λ_FSD · D(f(B′; θ) ‖ f(B′; θ′)) with the model at θ′ (0 when λ_FSD = 0: no forward on B′)."""
         if not self.uses_meta_batch:
             return 0.0
         outputs = self.forward(self.model, meta_batch)
-        return self.lambda_fsd * self._divergence(target, outputs, meta_batch)
+        divergence = self._divergence(target, outputs, meta_batch)
+        return self.lambda_fsd * (divergence if share == 1.0 else divergence * share)
+
+    def _loss_items(self, batch: Batch) -> int:
+        """How many terms the model's loss averages: the real target tokens (labels ≠ −100), else the examples."""
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2:
+            return int((labels[:, self.label_shift :] != -100).sum())
+        return batch_size_of(batch) or 1
+
+    def _meta_items(self, target: Any) -> int | None:
+        """How many terms D averages: the rows of the target (tokens for "kl"); None for a divergence callable."""
+        if not self.uses_meta_batch or callable(self.divergence):
+            return None
+        return int(target.shape[0])
 
     def _loss(self, outputs: Any) -> torch.Tensor:
         loss = get_output(outputs, "loss")

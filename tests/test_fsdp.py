@@ -2,7 +2,8 @@
 
 The same 30 steps of the tiny T5 (APO-LR with the loss on the same batch, APO-LR with the loss from the next
 gradient, APO-Precond with momentum), each global batch of 8 split over the ranks, under FSDP2, under DDP and in
-one process. FSDP2 must take the look-ahead through the sharded module (so the parameters are gathered at θ′), read
+one process. For APO-LR the ranks hold different numbers of target tokens: without APO's weighting of each rank's
+loss and KL by its share of the global token count, 2 processes differ from 1 by 3e-4 (same) and 4.5e-3 (next). FSDP2 must take the look-ahead through the sharded module (so the parameters are gathered at θ′), read
 v from the reduce-scattered ``.grad``, sum the shards' dot products and keep the factors of its own rows; a missing
 all-reduce, a stale gathered parameter or a factor averaged across ranks breaks these equalities.
 """
@@ -62,7 +63,7 @@ def test_fsdp2_equals_ddp_and_one_process(runs, variant):
         assert any(not torch.allclose(m, torch.eye(m.shape[0]), atol=0.05) for m in fsdp0["meta"] if m.dim() == 2)
     else:
         assert float(fsdp0["meta"][0].abs().min()) > 1.0
-    # Float tolerance after 30 steps (measured: at most 1.2e-6 between FSDP2, DDP and one process).
+    # Float tolerance after 30 steps (measured: at most 2.2e-6 between FSDP2, DDP and one process).
     for other in (ddp, single):
         assert relative_difference(fsdp0["params"], other["params"]) < 1e-5
         assert relative_difference(fsdp0["meta"], other["meta"]) < 1e-5

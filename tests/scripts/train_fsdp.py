@@ -5,8 +5,10 @@
         [--variants lr,lr_next,precond] [--steps 30] [--save_at 5] [--kill_at 8] [--resume]
 
 Every step draws the same global batch of 8 examples whatever the number of processes; rank r trains on its
-consecutive share. The meta batch is the whole previous per-rank batch (fraction 1) and every example has the same
-number of target tokens, so each rank's token means are shares of the global one and 1 process can match 2.
+consecutive share. For APO-LR examples have 4 to 6 real target tokens (the rest of the labels -100), so the ranks'
+token counts differ: the training loss is weighted by the rank's share of the global token count (as the Trainer does with
+num_items_in_batch), and APO weighs its loss and KL terms the same way. The meta batch is the whole previous per-rank
+batch by default (--meta_batch_fraction 1), the only fraction whose B′ is the same examples for 1 and 2 processes.
 Writes DIR/{variant}_rank{R}.pt: the full parameters, the meta-parameters (a sharded diagonal row factor gathered
 whole) and the learned multipliers; with --save_at, DIR/{variant}_ckpt_rank{R}.pt (this rank's model and optimizer
 state at that step), which --resume continues from; --kill_at SIGKILLs the process at the end of that step of the
@@ -30,14 +32,14 @@ from tiny import CopyDataset, tiny_t5  # noqa: E402
 GLOBAL_BATCH = 8
 
 
-def build(variant, parallel, model):
+def build(variant, parallel, model, fraction):
     """The optimizer of a variant; ``model`` is the module the objective calls (sharded in place under FSDP2)."""
     if variant == "precond":
         objective = ProximalObjective(model, lambda_fsd=1.0, lambda_wsd=0.1)
         # The factors FSDP2 allows (diagonal on the sharded row side) for every run, so the runs are comparable.
         matrices = [p for p in model.parameters() if p.dim() >= 2]
         return APOPrecond(model.parameters(), objective, lr=0.05, momentum=0.9, meta_interval=2, meta_lr=0.05,
-                          meta_batch_fraction=1.0, diagonal_row_params=matrices)
+                          meta_batch_fraction=fraction, diagonal_row_params=matrices)
     if variant == "lr":
         objective = ProximalObjective(model, lambda_fsd=1.0, lambda_wsd=0.1, loss_batch="same")
         interval = 2
@@ -45,7 +47,7 @@ def build(variant, parallel, model):
         objective = ProximalObjective(model, lambda_fsd=1.0, loss_batch="next", horizon=10)
         interval = 1
     return APOLR(model.parameters(), objective, base="adamw", lr=1e-3, weight_decay=0.01, meta_interval=interval,
-                 meta_lr=0.2, meta_batch_fraction=1.0)
+                 meta_lr=0.2, meta_batch_fraction=fraction)
 
 
 def gathered_meta_parameters(optimizer):
@@ -77,7 +79,7 @@ def run(variant, args, rank, world, kill_at=None):
         trained = torch.nn.parallel.DistributedDataParallel(model)
     else:
         trained = model
-    optimizer = build(variant, args.parallel, model)
+    optimizer = build(variant, args.parallel, model, args.meta_batch_fraction)
     data = CopyDataset(size=64)
     checkpoint = os.path.join(args.out, f"{variant}_ckpt_rank{rank}.pt")
     start = 0
@@ -91,7 +93,14 @@ def run(variant, args, rank, world, kill_at=None):
         first = (step * GLOBAL_BATCH) % len(data) + rank * share
         examples = [data[i] for i in range(first, first + share)]
         batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
-        trained(**batch).loss.backward()
+        if variant != "precond":  # (APO-Precond: see the README on FactorAdam and rounding)
+            for row, index in enumerate(range(first, first + share)):
+                batch["labels"][row, 6 - index % 3:] = -100  # 6, 5 or 4 real target tokens: unequal per rank
+        tokens = (batch["labels"] != -100).sum().double()
+        total = tokens.clone()
+        if world > 1:
+            dist.all_reduce(total)
+        (trained(**batch).loss * float(tokens * world / total)).backward()
         optimizer.observe(batch)
         optimizer.step()
         optimizer.zero_grad()
@@ -113,6 +122,7 @@ def main():
     parser.add_argument("--save_at", type=int, default=None)
     parser.add_argument("--kill_at", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--meta_batch_fraction", type=float, default=1.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, world = 0, 1
