@@ -11,8 +11,19 @@ which the training loop calls with each (micro-)batch it trains on:
   step of a run, when nothing was observed before, is B′ = B.
 
 No batch is drawn twice from the data; the last observed batch is part of the state dict so that a resumed run
-sees the same B′ as one that never stopped. (The Trainer saves rank 0's optimizer state, so after a multi-process
-resume every rank's first B′ is rank 0's last batch; φ stays identical on all ranks, the meta-gradient being reduced.)
+sees the same B′ as one that never stopped. (Under DDP the Trainer saves rank 0's optimizer state, so after a
+multi-process resume every rank's first B′ is rank 0's last batch; φ stays identical on all ranks, the meta-gradient
+being reduced. Under FSDP2 every rank saves and resumes its own.)
+
+Data parallelism. Each rank's loss and KL are weighted by its share of the global count of target tokens
+(:mod:`hf_apo.objective`), so the mean over ranks of the meta-gradient is that of one process with the global batch.
+B′ is each rank's own first ``meta_batch_fraction`` of its previous batch: with a fraction below 1 that is not the
+subset one process would take, and 2 processes differ from 1 (README, "Distributed").
+
+FSDP2 (``fully_shard``): parameters, gradients and momentum-like state are this rank's shards (DTensors, read through
+``to_local()``). The look-ahead runs through the sharded module, so FSDP gathers the parameters at θ′ and
+reduce-scatters v into ``.grad``: already the mean over ranks. Dot products and norms over shards are summed with one
+all-reduce per meta step (:func:`all_reduce_sum`), and only Q and a non-finite flag are averaged.
 """
 
 from __future__ import annotations
