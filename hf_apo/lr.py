@@ -208,7 +208,7 @@ class APOLR(MetaLearnedOptimizer):
         groups = [self._params_with_grad(group) for group in self.param_groups]
         sizes = [len(group) for group in groups]
         sharded_params = [p for group in groups for p in group]
-        group = shard_group(sharded_params)
+        shards = shard_group(sharded_params)  # FSDP2: the group the parameters are sharded over, else None
         params = [local_tensor(p) for p in sharded_params]  # under FSDP2 this rank's shards (views)
         dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
         device = params[0].device if params else torch.device("cpu")
@@ -245,10 +245,10 @@ class APOLR(MetaLearnedOptimizer):
             per_param = [dot + wsd * sq for dot, sq in zip(per_param, squared)]
             proximity = 0.5 * wsd * torch.stack(squared).sum()
         meta_grad = torch.stack([torch.stack(chunk).sum() if chunk else zero for chunk in _split(per_param, sizes)])
-        if group is not None:
+        if shards is not None:
             # Sums over this rank's shards: all-reduce them into the full ⟨Δ, v⟩ and ‖Δ‖² (v is already the mean
             # over ranks, FSDP having reduce-scattered it).
-            packed = all_reduce_sum(torch.cat([meta_grad, proximity.reshape(1)]), group)
+            packed = all_reduce_sum(torch.cat([meta_grad, proximity.reshape(1)]), shards)
             meta_grad, proximity = packed[:-1], packed[-1]
         if wsd and params:
             objective = objective + proximity

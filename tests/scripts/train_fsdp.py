@@ -134,6 +134,7 @@ def main():
     for variant in variants:
         run(variant, args, rank, world, kill_at=args.kill_at if variant == variants[-1] else None)
     if args.parallel != "none":
+        dist.barrier()  # without it a rank tearing gloo down early once aborted the other (SIGABRT at exit)
         dist.destroy_process_group()
 
 
