@@ -35,8 +35,8 @@ APO_DEFAULTS = {
 FSDP2_OPT_IN = "HF_APO_FSDP2"
 
 
-def check_apo_fsdp(version: int, xla: bool = False) -> None:
-    """Refuse FSDP1 and XLA FSDP with --apo; FSDP2 only with the opt-in until it has run on a GPU.
+def check_apo_fsdp(version: int, xla: bool = False, cpu_offload: bool = False) -> None:
+    """Refuse FSDP1, XLA FSDP and CPU offload with --apo; FSDP2 only with the opt-in until it has run on a GPU.
 
     On the CPU Accelerate ignores --fsdp (it trains as plain multi-CPU DDP), so the Trainer's FSDP2 path is tested
     there with Accelerate's FSDP2 state forced (tests/test_fsdp.py); benchmarks/fsdp_gpu_check.py is the GPU check.
@@ -45,6 +45,12 @@ def check_apo_fsdp(version: int, xla: bool = False) -> None:
         raise ValueError(
             "--apo supports FSDP2 only (torch fully_shard through Accelerate), not FSDP1 or XLA FSDP: pass "
             "--fsdp_config '{\"version\": 2}' (the default version), or use --apo none."
+        )
+    if cpu_offload:
+        # the meta step's collectives would get CPU shards on an NCCL group; untested, so refused
+        raise ValueError(
+            "--apo does not support FSDP2 with CPU offload yet: drop cpu_offload (or 'offload' in --fsdp), or use "
+            "--apo none."
         )
     if os.environ.get(FSDP2_OPT_IN) != "1":
         raise ValueError(
@@ -229,7 +235,8 @@ class APOArgumentsMixin:
         if self.apo == "none" or not self.fsdp:
             return
         config = self.fsdp_config or {}
-        check_apo_fsdp(int(config.get("version", 2)), xla=bool(config.get("xla")))
+        offload = str(config.get("cpu_offload", False)).lower() not in ("false", "0", "none", "")
+        check_apo_fsdp(int(config.get("version", 2)), xla=bool(config.get("xla")), cpu_offload=offload)
 
 
 @dataclass

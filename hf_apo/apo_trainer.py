@@ -72,7 +72,11 @@ class APOTrainerMixin:
             if self.is_deepspeed_enabled:
                 raise ValueError(DEEPSPEED_REFUSAL)
             if self.is_fsdp_enabled:
-                check_apo_fsdp(getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1))
+                from torch.distributed.fsdp import CPUOffloadPolicy
+
+                plugin = self.accelerator.state.fsdp_plugin
+                offload = isinstance(getattr(plugin, "cpu_offload", None), CPUOffloadPolicy)
+                check_apo_fsdp(getattr(plugin, "fsdp_version", 1), cpu_offload=offload)
         self._apo_outputs_checked = False
         self._apo_layout_checked = False
 

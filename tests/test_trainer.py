@@ -186,6 +186,7 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
         ({"apo": "lr", "deepspeed": "ds_config.json"}, "DeepSpeed.*FSDP2.*--fsdp_config"),
         ({"apo": "lr", "fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP2 only.*version"),
         ({"apo": "lr", "fsdp": "full_shard"}, "HF_APO_FSDP2=1"),  # FSDP2: an opt-in until checked on a GPU
+        ({"apo": "lr", "fsdp": "full_shard", "fsdp_config": {"cpu_offload": True}}, "CPU offload"),
     ],
 )
 def test_bad_configuration_is_refused_naming_the_flag(tmp_path, overrides, flag, monkeypatch):
