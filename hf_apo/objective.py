@@ -20,6 +20,12 @@ Two estimators of the loss term (``loss_batch``):
   over-fitting, so λ = 0 is sound (the greedy one-step objective); its known bias is the opposite one, towards
   too small a step over long horizons (Wu et al. 2018). Here this module computes only the proximity terms' part
   of v (the optimizer reads the loss part from ``.grad`` at the next step), and none when both λ are 0.
+
+Several data-parallel processes: L_B and the KL are token means over this rank's share of B and B′. Each is
+weighted by n_rank · ranks / n_global (one all-reduce of the two counts per meta step), so that the optimizers' mean
+over ranks of the meta-gradient is the gradient of the global token means, as the Trainer weighs the training loss
+with ``num_items_in_batch``. The weight is 1.0, and skipped, in a single process and when every rank holds as many
+target tokens. Under FSDP2 the look-ahead runs through the sharded module (see :meth:`lookahead_gradient`).
 """
 
 from __future__ import annotations
