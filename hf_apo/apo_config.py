@@ -6,6 +6,7 @@ Every field carries ``metadata={"help": ...}`` so ``HfArgumentParser`` prints re
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -19,11 +20,44 @@ APO_LOSS_BATCHES = ("same", "next")
 # alone gives the paper's objective with its settings. Evidence: benchmarks/results/apo_lr_defaults.md (APO-LR) and
 # benchmarks/results/quality.md, "Recommended defaults" (APO-Precond).
 DEFAULT_LOSS_BATCH = {"lr": "next", "precond": "same"}
+DEEPSPEED_REFUSAL = (
+    "--apo does not support DeepSpeed (it replaces the optimizer with its own). To shard a model that does not fit "
+    "one GPU, use FSDP2 instead: --fsdp full_shard --fsdp_config '{\"version\": 2}'. Or drop --deepspeed, or use "
+    "--apo none."
+)
 APO_DEFAULTS = {
     ("lr", "next"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 10_000.0},
     ("lr", "same"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0},
     ("precond", "same"): {"apo_meta_lr": 3e-3, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0},
 }
+
+
+FSDP2_OPT_IN = "HF_APO_FSDP2"
+
+
+def check_apo_fsdp(version: int, xla: bool = False, cpu_offload: bool = False) -> None:
+    """Refuse FSDP1, XLA FSDP and CPU offload with --apo; FSDP2 only with the opt-in until it has run on a GPU.
+
+    On the CPU Accelerate ignores --fsdp (it trains as plain multi-CPU DDP), so the Trainer's FSDP2 path is tested
+    there with Accelerate's FSDP2 state forced (tests/test_fsdp.py); benchmarks/fsdp_gpu_check.py is the GPU check.
+    """
+    if version != 2 or xla:
+        raise ValueError(
+            "--apo supports FSDP2 only (torch fully_shard through Accelerate), not FSDP1 or XLA FSDP: pass "
+            "--fsdp_config '{\"version\": 2}' (the default version), or use --apo none."
+        )
+    if cpu_offload:
+        # the meta step's collectives would get CPU shards on an NCCL group; untested, so refused
+        raise ValueError(
+            "--apo does not support FSDP2 with CPU offload yet: drop cpu_offload (or 'offload' in --fsdp), or use "
+            "--apo none."
+        )
+    if os.environ.get(FSDP2_OPT_IN) != "1":
+        raise ValueError(
+            f"--apo with the Trainer's FSDP2 is tested on CPU processes but not yet on GPUs: set {FSDP2_OPT_IN}=1 to "
+            "use it (benchmarks/fsdp_gpu_check.py checks it on a GPU machine), or use --apo none. APOLR and "
+            "APOPrecond in your own loop over a fully_shard model need no opt-in."
+        )
 
 
 @dataclass
@@ -126,6 +160,7 @@ class APOArgumentsMixin:
         self._validate_apo_fields()
         self._validate_apo_with_parent()
         super().__post_init__()
+        self._validate_apo_fsdp()  # after the parent has normalized --fsdp and --fsdp_config
 
     def apo_setting(self, flag: str):
         """The value of an ``--apo_*`` flag with a default per mode and loss batch: the user's, else the default."""
@@ -202,9 +237,14 @@ class APOArgumentsMixin:
                 "'momentum=0.9' for momentum; none is added for you)."
             )
         if self.deepspeed:
-            raise ValueError("--apo does not support DeepSpeed yet (it replaces the optimizer). Drop --deepspeed or use --apo none.")
-        if self.fsdp:
-            raise ValueError("--apo does not support FSDP yet (it shards the optimizer). Drop --fsdp or use --apo none.")
+            raise ValueError(DEEPSPEED_REFUSAL)
+
+    def _validate_apo_fsdp(self) -> None:
+        if self.apo == "none" or not self.fsdp:
+            return
+        config = self.fsdp_config or {}
+        offload = str(config.get("cpu_offload", False)).lower() not in ("false", "0", "none", "")
+        check_apo_fsdp(int(config.get("version", 2)), xla=bool(config.get("xla")), cpu_offload=offload)
 
 
 @dataclass

@@ -13,19 +13,27 @@ Where APO hooks into the training loop:
   all when the fp16 GradScaler finds an overflow, so meta steps follow the same rules.
 * ``log`` adds the ``apo/*`` scalars to every training log (``trainer_state.json``, progress bar, reporters).
 * Checkpoints hold the APO state inside ``optimizer.pt``; ``resume_from_checkpoint`` restores it.
+* FSDP2 (``--fsdp`` with ``fsdp_config`` version 2): Accelerate shards the model in place after the optimizer is
+  built and swaps the optimizer's parameters for their shards; the optimizers work on the shards (see
+  :mod:`hf_apo.meta`). Torch's distributed optimizer state dict keeps only the per-parameter state and drops APO's,
+  so each rank saves its whole optimizer state, shards and APO state, to ``apo_optimizer_rank{R}.pt``: a checkpoint
+  resumes with the same number of processes.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import torch
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer import SCHEDULER_NAME, get_fsdp_ckpt_kwargs
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .apo_config import APOArgumentsMixin
+from .apo_config import DEEPSPEED_REFUSAL, APOArgumentsMixin, check_apo_fsdp
 from .lr import APOLR
-from .meta import MetaLearnedOptimizer
-from .objective import ProximalObjective, get_output
+from .meta import MetaLearnedOptimizer, shard_group
+from .objective import ProximalObjective, get_output, is_sharded
 from .precond import APOPrecond
 
 
@@ -60,10 +68,17 @@ class APOTrainerMixin:
                     f"--apo {self.args.apo} builds its own optimizer; do not pass `optimizers=` to the Trainer "
                     "(or use --apo none)."
                 )
-            # The arguments refuse --deepspeed / --fsdp; this catches the same plugins set by `accelerate launch`.
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError("--apo does not support DeepSpeed or FSDP yet; use --apo none with them.")
+            # The arguments refuse --deepspeed and FSDP1; this catches the same plugins set by `accelerate launch`.
+            if self.is_deepspeed_enabled:
+                raise ValueError(DEEPSPEED_REFUSAL)
+            if self.is_fsdp_enabled:
+                from torch.distributed.fsdp import CPUOffloadPolicy
+
+                plugin = self.accelerator.state.fsdp_plugin
+                offload = isinstance(getattr(plugin, "cpu_offload", None), CPUOffloadPolicy)
+                check_apo_fsdp(getattr(plugin, "fsdp_version", 1), cpu_offload=offload)
         self._apo_outputs_checked = False
+        self._apo_layout_checked = False
 
     # -- optimizer ------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -94,10 +109,14 @@ class APOTrainerMixin:
                 max_factor_dim=args.apo_max_factor_dim,
                 lookahead_steps=args.apo_lookahead_steps,
                 spectral_meta_step=args.apo_spectral_meta_step,
-                diagonal_row_params=vocabulary_weights(opt_model),
+                diagonal_row_params=self.apo_diagonal_row_params(opt_model),
                 **meta,
             )
         return self.optimizer
+
+    def apo_diagonal_row_params(self, model) -> list:
+        """``--apo precond``: the parameters whose row side gets a diagonal factor (the vocabulary weights)."""
+        return vocabulary_weights(model)
 
     @property
     def apo_optimizer(self) -> MetaLearnedOptimizer | None:
@@ -109,6 +128,9 @@ class APOTrainerMixin:
         apo = self.apo_optimizer
         if apo is not None:
             apo.observe(inputs)
+            if not self._apo_layout_checked:  # an FSDP2 layout APO cannot reduce fails here, before any step
+                shard_group([p for group in apo.param_groups for p in group["params"]])
+                self._apo_layout_checked = True
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -126,6 +148,40 @@ class APOTrainerMixin:
             )
         self._apo_outputs_checked = True
         return (loss, outputs) if return_outputs else loss
+
+    # -- checkpoints under FSDP2 ---------------------------------------------------------------------------------
+    def _apo_sharded(self) -> bool:
+        apo = self.apo_optimizer
+        return apo is not None and any(is_sharded(p) for group in apo.param_groups for p in group["params"])
+
+    def _apo_optimizer_file(self, directory: str) -> str:
+        return os.path.join(directory, f"apo_optimizer_rank{self.args.process_index}.pt")
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._apo_sharded():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_model
+
+        save_fsdp_model(
+            self.accelerator.state.fsdp_plugin, self.accelerator, self.model, output_dir, **get_fsdp_ckpt_kwargs()
+        )
+        torch.save(self.apo_optimizer.state_dict(), self._apo_optimizer_file(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._apo_sharded():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        path = self._apo_optimizer_file(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} is missing: an --apo run under FSDP2 resumes from a checkpoint it wrote itself, with the same "
+                "number of processes (each rank saves its own shards and APO state)."
+            )
+        # Written by this rank in _save_optimizer_and_scheduler; it holds DTensors, which weights_only refuses.
+        device = "cpu" if self.args.device.type == "cpu" else self.args.device  # torch cannot map to "cpu:0"
+        self.apo_optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     # -- logging --------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -19,8 +19,11 @@ cached between meta steps (they only change there); until the first meta update 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .objective import is_sharded, local_tensor
 
 SMALL_SIDE = 64  # a dense factor this small costs next to nothing, whatever the other side
 
@@ -39,19 +42,25 @@ class KroneckerFactors:
     """The meta-parameters φ of one model parameter and the preconditioning they define."""
 
     def __init__(self, param: torch.Tensor, max_factor_dim: int, diagonal_rows: bool = False):
-        self.param_shape = param.shape
+        # FSDP2: ``param`` is a DTensor sharded on dim 0; the factors act on this rank's shard (whole rows), with a
+        # diagonal row side over its own rows. Which side is dense is decided from the full shape.
+        sharded = is_sharded(param)
+        local = local_tensor(param)
+        self.param_shape = local.shape
         self.dtype = torch.promote_types(param.dtype, torch.float32)
-        options = {"dtype": self.dtype, "device": param.device}
+        options = {"dtype": self.dtype, "device": local.device}
         if param.dim() >= 2:
-            rows, cols = param.shape[0], param[0].numel()
-            dense_left = _dense(rows, cols, max_factor_dim) and not diagonal_rows
+            rows, cols = param.shape[0], math.prod(param.shape[1:])  # the full shape, not this shard's
+            dense_left = _dense(rows, cols, max_factor_dim) and not (diagonal_rows or sharded)
             dense_right = _dense(cols, rows, max_factor_dim)
-            self.left = torch.eye(rows, **options) if dense_left else torch.ones(rows, **options)
+            self.left = torch.eye(rows, **options) if dense_left else torch.ones(local.shape[0], **options)
             self.right = torch.eye(cols, **options) if dense_right else torch.ones(cols, **options)
             self.tensors = [self.left, self.right]
         else:
             self.scale = torch.ones((), **options)
             self.tensors = [self.scale]
+        # per tensor: whether this rank's meta-gradient of it is a partial sum over the shards' rows (FSDP2)
+        self.summed_over_shards = [sharded and t is not getattr(self, "left", None) for t in self.tensors]
         self.is_identity = True
         self._cache: list[torch.Tensor] = []
 

@@ -53,8 +53,8 @@ from typing import Any
 
 import torch
 
-from .meta import MetaLearnedOptimizer
-from .objective import ProximalObjective
+from .meta import MetaLearnedOptimizer, all_reduce_sum, shard_group
+from .objective import ProximalObjective, local_tensor
 
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -207,7 +207,9 @@ class APOLR(MetaLearnedOptimizer):
         """
         groups = [self._params_with_grad(group) for group in self.param_groups]
         sizes = [len(group) for group in groups]
-        params = [p for group in groups for p in group]
+        sharded_params = [p for group in groups for p in group]
+        shards = shard_group(sharded_params)  # FSDP2: the group the parameters are sharded over, else None
+        params = [local_tensor(p) for p in sharded_params]  # under FSDP2 this rank's shards (views)
         dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
         device = params[0].device if params else torch.device("cpu")
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -230,17 +232,26 @@ class APOLR(MetaLearnedOptimizer):
         objective = zero
         if batch is not None or self.objective.uses_meta_batch:
             # g has been used by the base step: v goes into the .grad buffers (no further copy of the parameters).
-            result = self.objective.lookahead_gradient(params, batch, meta_batch, target, into_grad=True)
+            result = self.objective.lookahead_gradient(sharded_params, batch, meta_batch, target, into_grad=True)
+            grads = [None if v is None else local_tensor(v) for v in result.lookahead_grads]
             # ⟨Δ, v⟩ per parameter, multiplied in place in the .grad buffers and summed in at least float32.
-            reached = [i for i, v in enumerate(result.lookahead_grads) if v is not None]
-            torch._foreach_mul_([result.lookahead_grads[i] for i in reached], [deltas[i] for i in reached])
-            per_param = [zero if v is None else v.sum(dtype=dtype) for v in result.lookahead_grads]
+            reached = [i for i, v in enumerate(grads) if v is not None]
+            torch._foreach_mul_([grads[i] for i in reached], [deltas[i] for i in reached])
+            per_param = [zero if v is None else v.sum(dtype=dtype) for v in grads]
             objective = result.objective.to(dtype)
+        proximity = zero
         if wsd and params:
             squared = [n.square() for n in torch._foreach_norm(deltas, 2, dtype=dtype)]
             per_param = [dot + wsd * sq for dot, sq in zip(per_param, squared)]
-            objective = objective + 0.5 * wsd * torch.stack(squared).sum()
+            proximity = 0.5 * wsd * torch.stack(squared).sum()
         meta_grad = torch.stack([torch.stack(chunk).sum() if chunk else zero for chunk in _split(per_param, sizes)])
+        if shards is not None:
+            # Sums over this rank's shards: all-reduce them into the full ⟨Δ, v⟩ and ‖Δ‖² (v is already the mean
+            # over ranks, FSDP having reduce-scattered it).
+            packed = all_reduce_sum(torch.cat([meta_grad, proximity.reshape(1)]), shards)
+            meta_grad, proximity = packed[:-1], packed[-1]
+        if wsd and params:
+            objective = objective + proximity
         return _Lookahead(params, sizes, deltas, meta_grad, objective)
 
     # -- loss_batch "next": the displacement and the delayed meta-gradient ------------------------------------
@@ -256,14 +267,14 @@ class APOLR(MetaLearnedOptimizer):
     def _displacement_before_step(self) -> None:
         """D ← γ·D − θ (then + θ′ after the step: D ← γ·D + Δ, without a copy of θ)."""
         if self._displacement is None:
-            self._displacement = _float_zeros_like(self._all_params())
+            self._displacement = _float_zeros_like(self._local_params())
         gamma = self.objective.discount
         if gamma != 1.0:
             torch._foreach_mul_(self._displacement, gamma)
-        torch._foreach_sub_(self._displacement, [p.detach() for p in self._all_params()])
+        torch._foreach_sub_(self._displacement, [p.detach() for p in self._local_params()])
 
     def _displacement_after_step(self) -> None:
-        torch._foreach_add_(self._displacement, [p.detach() for p in self._all_params()])
+        torch._foreach_add_(self._displacement, [p.detach() for p in self._local_params()])
 
     def _finish_delayed_meta_step(self) -> None:
         """loss_batch "next": add ⟨D, ∇L_{B_t+1}(θ_t+1)⟩ per group, read from ``.grad``, and update φ.
@@ -274,13 +285,19 @@ class APOLR(MetaLearnedOptimizer):
         follows uses the updated φ. Under the Trainer, ``.grad`` is the reduced, unscaled and clipped gradient.
         """
         (meta_grad, objective), self._pending = self._pending, None
-        meta_grad = meta_grad.clone()
         # D lists every parameter, group after group (the order of _all_params)
         displacements = _split(self._displacement, [len(group["params"]) for group in self.param_groups])
+        dots_per_group = torch.zeros_like(meta_grad)
         for index, (group, group_displacement) in enumerate(zip(self.param_groups, displacements)):
-            dots = [_dot(d, p.grad) for p, d in zip(group["params"], group_displacement) if p.grad is not None]
+            dots = [
+                _dot(d, local_tensor(p.grad)) for p, d in zip(group["params"], group_displacement) if p.grad is not None
+            ]
             if dots:
-                meta_grad[index] += torch.stack(dots).sum().to(meta_grad.dtype)
+                dots_per_group[index] = torch.stack(dots).sum()
+        shards = shard_group(self._all_params())
+        if shards is not None:
+            all_reduce_sum(dots_per_group, shards)  # this rank's shards of D and of the (reduced) gradient
+        meta_grad = meta_grad + dots_per_group
         if self.objective.horizon == 1:
             self._displacement = None  # rebuilt at the next look-ahead: no persistent copy of the parameters
         self._apply_meta_gradient(meta_grad, objective)
@@ -288,7 +305,7 @@ class APOLR(MetaLearnedOptimizer):
     def _apply_meta_gradient(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> list[float] | None:
         """Reduce over ranks, guard, an Adam step on φ and the clamp; the change of φ per group (None: skipped)."""
         self.last_meta_gradient = meta_grad.detach().cpu()
-        if not self._reduce_and_check(meta_grad, objective):
+        if not self._reduce_and_check(meta_grad, objective, sharded=shard_group(self._all_params()) is not None):
             return None
         previous = self.log_lr.tolist()
         self.log_lr.grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
@@ -314,6 +331,10 @@ class APOLR(MetaLearnedOptimizer):
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _local_params(self) -> list[torch.Tensor]:
+        """The parameters, or under FSDP2 this rank's shards of them (views, so D follows the steps)."""
+        return [local_tensor(p) for p in self._all_params()]
 
     def _pending_state(self) -> dict[str, Any] | None:
         """loss_batch "next": the look-ahead's part of the meta-gradient and D (one copy of the parameters)."""

@@ -11,8 +11,19 @@ which the training loop calls with each (micro-)batch it trains on:
   step of a run, when nothing was observed before, is B′ = B.
 
 No batch is drawn twice from the data; the last observed batch is part of the state dict so that a resumed run
-sees the same B′ as one that never stopped. (The Trainer saves rank 0's optimizer state, so after a multi-process
-resume every rank's first B′ is rank 0's last batch; φ stays identical on all ranks, the meta-gradient being reduced.)
+sees the same B′ as one that never stopped. (Under DDP the Trainer saves rank 0's optimizer state, so after a
+multi-process resume every rank's first B′ is rank 0's last batch; φ stays identical on all ranks, the meta-gradient
+being reduced. Under FSDP2 every rank saves and resumes its own.)
+
+Data parallelism. Each rank's loss and KL are weighted by its share of the global count of target tokens
+(:mod:`hf_apo.objective`), so the mean over ranks of the meta-gradient is that of one process with the global batch.
+B′ is each rank's own first ``meta_batch_fraction`` of its previous batch: with a fraction below 1 that is not the
+subset one process would take, and 2 processes differ from 1 (README, "Distributed").
+
+FSDP2 (``fully_shard``): parameters, gradients and momentum-like state are this rank's shards (DTensors, read through
+``to_local()``). The look-ahead runs through the sharded module, so FSDP gathers the parameters at θ′ and
+reduce-scatters v into ``.grad``: already the mean over ranks. Dot products and norms over shards are summed with one
+all-reduce per meta step (:func:`all_reduce_sum`), and only Q and a non-finite flag are averaged.
 """
 
 from __future__ import annotations
@@ -25,7 +36,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .objective import Batch, ProximalObjective, batch_size_of, move_batch, slice_batch
+from .objective import Batch, ProximalObjective, batch_size_of, is_sharded, move_batch, slice_batch
+
+try:
+    from torch.distributed.tensor import Shard
+except ImportError:  # a torch built without torch.distributed
+    Shard = None
 
 
 def _validate_meta_args(meta_interval: int, meta_lr: float, meta_batch_fraction: float, meta_betas) -> None:
@@ -47,6 +63,33 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def shard_group(params: list[torch.Tensor]):
+    """The process group that FSDP2 shards ``params`` over, or None when they are plain tensors.
+
+    Supported: every parameter a DTensor sharded on dim 0 over one 1-D mesh spanning all ranks (``fully_shard``
+    without HSDP or tensor parallelism), so the shard group is also the data-parallel group.
+    """
+    sharded = [p for p in params if is_sharded(p)]
+    if not sharded:
+        return None
+    mesh = sharded[0].device_mesh
+    supported = len(sharded) == len(params) and all(
+        p.device_mesh == mesh and tuple(p.placements) == (Shard(0),) for p in sharded
+    )
+    if not supported or mesh.ndim != 1 or mesh.size() != dist.get_world_size():
+        raise NotImplementedError(
+            "APO under FSDP2 supports parameters all sharded on dim 0 over one mesh of all ranks (fully_shard with a "
+            "1-D mesh); HSDP, tensor parallelism and unsharded parameters next to sharded ones are not supported."
+        )
+    return mesh.get_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the ranks of ``group``, in place: dot products and norms of parameter shards become full ones."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
@@ -119,16 +162,26 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- guard and reduction ------------------------------------------------------------------------------
-    def _reduce_and_check(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> bool:
+    def _reduce_and_check(self, meta_grad: torch.Tensor, objective: torch.Tensor, sharded: bool = False) -> bool:
         """All-reduces [meta-gradient, Q] (mean over ranks) in place; False, with a warning, if any is non-finite.
 
+        ``sharded`` (FSDP2): v arrived reduce-scattered, i.e. already the mean over ranks, and the caller has summed
+        the shards' parts, so the meta-gradient is complete (its entries for a rank's own shard of a factor differ
+        between ranks and must not be averaged): only Q and the count of non-finite entries are reduced.
         The check runs after the reduction so every rank takes the same decision.
         """
-        packed = torch.cat([meta_grad.reshape(-1), objective.reshape(1).to(meta_grad.dtype)])
-        all_reduce_mean(packed)
-        meta_grad.copy_(packed[:-1].view_as(meta_grad))
-        finite = bool(torch.isfinite(packed).all())
-        self.last_meta_objective = float(packed[-1])
+        if sharded:
+            non_finite = (~torch.isfinite(meta_grad)).sum()
+            packed = torch.stack([objective.to(torch.float64), non_finite.to(objective.device, torch.float64)])
+            all_reduce_mean(packed)
+            finite = bool(torch.isfinite(packed[0])) and float(packed[1]) == 0
+            self.last_meta_objective = float(packed[0])
+        else:
+            packed = torch.cat([meta_grad.reshape(-1), objective.reshape(1).to(meta_grad.dtype)])
+            all_reduce_mean(packed)
+            meta_grad.copy_(packed[:-1].view_as(meta_grad))
+            finite = bool(torch.isfinite(packed).all())
+            self.last_meta_objective = float(packed[-1])
         if finite:
             self.meta_steps += 1
         else:

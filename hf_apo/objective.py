@@ -20,6 +20,12 @@ Two estimators of the loss term (``loss_batch``):
   over-fitting, so λ = 0 is sound (the greedy one-step objective); its known bias is the opposite one, towards
   too small a step over long horizons (Wu et al. 2018). Here this module computes only the proximity terms' part
   of v (the optimizer reads the loss part from ``.grad`` at the next step), and none when both λ are 0.
+
+Several data-parallel processes: L_B and the KL are token means over this rank's share of B and B′. Each is
+weighted by n_rank · ranks / n_global (one all-reduce of the two counts per meta step), so that the optimizers' mean
+over ranks of the meta-gradient is the gradient of the global token means, as the Trainer weighs the training loss
+with ``num_items_in_batch``. The weight is 1.0, and skipped, in a single process and when every rank holds as many
+target tokens. Under FSDP2 the look-ahead runs through the sharded module (see :meth:`lookahead_gradient`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+try:  # FSDP2 (torch.distributed.fsdp.fully_shard): sharded parameters are DTensors
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without torch.distributed
+    _FSDPModule = _DTensor = None
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -39,6 +52,31 @@ DivergenceFn = Callable[[Any, Any, Batch], torch.Tensor]
 
 DIVERGENCES = ("kl", "squared_error")
 LOSS_BATCHES = ("same", "next")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter or gradient of an FSDP2 ``fully_shard`` model)."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place ops reach the parameter), the tensor itself otherwise."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the parameters FSDP2 gathered for a forward without backward, in every ``fully_shard`` unit.
+
+    The root unit, and any unit with ``reshard_after_forward=False`` (Accelerate's embedding/LM-head unit), keeps
+    its gathered parameters after a forward, for the backward; after a no-grad forward nothing frees them, and the
+    next forward would run on those stale copies even after the optimizer changed the shards (measured: the
+    look-ahead forward then ran at θ for those units, not θ′).
+    """
+    if _FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, _FSDPModule):
+            module.reshard()
 
 
 def default_forward(model: nn.Module, batch: Batch) -> Any:
@@ -122,6 +160,26 @@ def squared_error_divergence(target: torch.Tensor, prediction: torch.Tensor) -> 
     dtype = torch.promote_types(prediction.dtype, torch.float32)
     diff = prediction.to(dtype) - target.detach().to(dtype)
     return 0.5 * diff.reshape(diff.shape[0], -1).pow(2).sum(dim=1).mean()
+
+
+def _shares_of_global_count(counts: list[int | None], device) -> list[float]:
+    """Each count times the number of ranks over its sum over ranks: the weight that turns a rank's mean into its part
+    of the global mean, which the mean over ranks of the meta-gradient then forms (1.0 in a single process, for
+    equal counts on every rank, and for an unknown count, None).
+
+    As the Trainer weighs the training loss by ``num_items_in_batch``: with per-rank token means, ranks with fewer
+    target tokens would weigh as much as ranks with more, and several processes would not equal one.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [1.0] * len(counts)
+    local = torch.tensor([float(c or 0) for c in counts], dtype=torch.float64, device=device)
+    totals = local.clone()
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    world = dist.get_world_size()
+    return [
+        1.0 if c is None or total == 0 else float(c) * world / float(total)
+        for c, total in zip(counts, totals.tolist())
+    ]
 
 
 @dataclass
@@ -264,6 +322,7 @@ class ProximalObjective:
             return None
         with self._eval_mode():
             outputs = self.forward(self.model, meta_batch)
+        reshard(self.model)  # under FSDP2 the step that follows changes the shards
         if callable(self.divergence):
             return outputs
         return self._distribution(outputs, meta_batch).detach()
@@ -287,35 +346,64 @@ class ProximalObjective:
         the parameters; B and B′ are then back-propagated one after the other, so only one of their activation
         graphs is alive at a time. Either way DDP reduces nothing: the optimizer all-reduces its small
         meta-gradient itself.
+
+        Sharded parameters (FSDP2) need ``into_grad=True``: autograd does not reach them (the forward uses gathered
+        copies), so v comes from FSDP's own backward, reduce-scattered into ``.grad``: this rank's shard of the
+        mean of v over the data-parallel ranks.
         """
         params = list(params)
+        sharded = any(is_sharded(p) for p in params)
+        if sharded and not into_grad:
+            raise ValueError("lookahead_gradient on sharded (FSDP2) parameters needs into_grad=True.")
+        device = params[0].device if params else None
+        loss_share, meta_share = _shares_of_global_count(
+            [None if batch is None else self._loss_items(batch), self._meta_items(target)], device
+        )
         if into_grad:
             for p in params:
                 p.grad = None  # freed, not zeroed: backward allocates v as it goes, as a training backward does
         with torch.enable_grad(), self._eval_mode():
             if batch is None:
-                loss = torch.zeros((), device=params[0].device if params else None)
+                loss = torch.zeros((), device=device)
             else:
                 loss = self._loss(self.forward(self.model, batch))
+                if loss_share != 1.0:
+                    loss = loss * loss_share
             if not into_grad:
-                objective = loss + self._function_space_term(meta_batch, target)
+                objective = loss + self._function_space_term(meta_batch, target, meta_share)
                 grads = torch.autograd.grad(objective, params, allow_unused=True)
                 return MetaStepResult(objective=objective.detach(), lookahead_grads=list(grads))
+            # FSDP2: backward(inputs=...) with the sharded parameters silently computes nothing
+            inputs = None if sharded else params
             if batch is not None:
-                loss.backward(inputs=params)
+                loss.backward(inputs=inputs)
             objective = loss.detach()
             if self.uses_meta_batch:
-                fsd = self._function_space_term(meta_batch, target)
-                fsd.backward(inputs=params)
+                fsd = self._function_space_term(meta_batch, target, meta_share)
+                fsd.backward(inputs=inputs)
                 objective = objective + fsd.detach()
             return MetaStepResult(objective=objective, lookahead_grads=[p.grad for p in params])
 
-    def _function_space_term(self, meta_batch: Batch | None, target: Any) -> torch.Tensor | float:
+    def _function_space_term(self, meta_batch: Batch | None, target: Any, share: float = 1.0) -> torch.Tensor | float:
         """λ_FSD · D(f(B′; θ) ‖ f(B′; θ′)) with the model at θ′ (0 when λ_FSD = 0: no forward on B′)."""
         if not self.uses_meta_batch:
             return 0.0
         outputs = self.forward(self.model, meta_batch)
-        return self.lambda_fsd * self._divergence(target, outputs, meta_batch)
+        divergence = self._divergence(target, outputs, meta_batch)
+        return self.lambda_fsd * (divergence if share == 1.0 else divergence * share)
+
+    def _loss_items(self, batch: Batch) -> int:
+        """How many terms the model's loss averages: the real target tokens (labels ≠ −100), else the examples."""
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2:
+            return int((labels[:, self.label_shift :] != -100).sum())
+        return batch_size_of(batch) or 1
+
+    def _meta_items(self, target: Any) -> int | None:
+        """How many terms D averages: the rows of the target (tokens for "kl"); None for a divergence callable."""
+        if not self.uses_meta_batch or callable(self.divergence):
+            return None
+        return int(target.shape[0])
 
     def _loss(self, outputs: Any) -> torch.Tensor:
         loss = get_output(outputs, "loss")

@@ -25,6 +25,14 @@ gradient (and no weight decay): the buffer b′ after this step decays as μᵏ�
 in closed form, and c grows by m times b′'s coefficient on P(g). n = 1 is the paper's one-step look-ahead; the
 proximity terms then measure the displacement the momentum will carry.
 
+FSDP2 (``fully_shard``, parameters sharded on dim 0): each rank keeps the factors of its shard. A shard holds
+whole rows, so the input side R stays dense where it would be; the row side L is diagonal over this rank's rows
+(a dense L would couple rows held by other ranks). Against the unsharded preconditioner this drops the dense L of
+the weights whose row side would be dense (rows ≤ columns and ≤ ``max_factor_dim``); with ``diagonal_row_params``
+naming every matrix, the unsharded optimizer has the same factors, which is how the tests compare the two. v arrives
+reduce-scattered (the mean over ranks); the VJP's sums over rows (R's gradient, a scale's) and ‖Δ‖² are summed over
+the ranks; L's entries stay with their rows.
+
 The look-ahead writes θ′ into the parameters in place and restores θ from a copy afterwards (one extra copy of the
 parameters, on meta steps only); the momentum buffers are not touched by it.
 """
@@ -37,8 +45,8 @@ from typing import Any
 import torch
 
 from .factors import FactorAdam, KroneckerFactors
-from .meta import MetaLearnedOptimizer
-from .objective import ProximalObjective
+from .meta import MetaLearnedOptimizer, all_reduce_sum, shard_group
+from .objective import ProximalObjective, local_tensor
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
@@ -104,14 +112,42 @@ class APOPrecond(MetaLearnedOptimizer):
         self._init_meta(objective, meta_interval, meta_lr, meta_batch_fraction, meta_betas)
         self.max_factor_dim = max_factor_dim
         self.lookahead_steps = lookahead_steps
-        params_in_order = [p for group in self.param_groups for p in group["params"]]
+        self.spectral_meta_step = spectral_meta_step
         vocabulary = {id(p) for p in diagonal_row_params}
-        self.factors = {p: KroneckerFactors(p, max_factor_dim, id(p) in vocabulary) for p in params_in_order}
+        self._diagonal_rows = [id(p) in vocabulary for p in self._all_params()]
+        self._build_factors()
+        self._initialized = True
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _build_factors(self) -> None:
+        """Identity factors for the parameters in ``param_groups`` (in order) and a fresh meta-optimizer."""
+        params = self._all_params()
+        self.factors = {
+            p: KroneckerFactors(p, self.max_factor_dim, diagonal) for p, diagonal in zip(params, self._diagonal_rows)
+        }
         self.meta_optimizer = FactorAdam(
             [t for f in self.factors.values() for t in f.tensors], lr=self.meta_lr or 1.0, betas=self.meta_betas,
-            spectral=spectral_meta_step,
+            spectral=self.spectral_meta_step,
         )
-        self._initialized = True
+
+    def _follow_replaced_params(self) -> None:
+        """Rebuild the factors if the parameters were replaced after construction.
+
+        Accelerate's FSDP2 ``prepare`` (the Trainer builds the optimizer first) swaps each parameter in
+        ``param_groups`` for its sharded DTensor; the factors must then be those of the shards. That is only sound
+        while the factors are still the identity, i.e. before the first meta step.
+        """
+        params = self._all_params()
+        if len(params) == len(self.factors) and all(p in self.factors for p in params):
+            return
+        if self.meta_steps or any(not f.is_identity for f in self.factors.values()):
+            raise RuntimeError(
+                "APO-Precond: the optimizer's parameters were replaced after meta steps had shaped the factors; "
+                "build the optimizer after wrapping or sharding the model."
+            )
+        self._build_factors()
 
     @classmethod
     def from_sgd(cls, sgd: torch.optim.SGD, objective: ProximalObjective | None = None, **meta_kwargs: Any):
@@ -147,7 +183,7 @@ class APOPrecond(MetaLearnedOptimizer):
         momentum, dampening = group["momentum"], group["dampening"]
         directions = list(preconditioned)
         if group["weight_decay"] != 0:
-            directions = torch._foreach_add(directions, params, alpha=group["weight_decay"])
+            directions = torch._foreach_add(directions, [local_tensor(p) for p in params], alpha=group["weight_decay"])
         if momentum == 0:
             return directions
         buffers = []
@@ -172,6 +208,7 @@ class APOPrecond(MetaLearnedOptimizer):
         return directions
 
     def _update(self, meta_step_due: bool) -> None:
+        self._follow_replaced_params()
         if meta_step_due:
             self.meta_update()
         for group in self.param_groups:
@@ -179,9 +216,9 @@ class APOPrecond(MetaLearnedOptimizer):
             if not params:
                 continue
             with _no_autocast(params[0]):
-                preconditioned = [self.factors[p].precondition(p.grad) for p in params]
+                preconditioned = [self.factors[p].precondition(local_tensor(p.grad)) for p in params]
             directions = self._direction(group, params, preconditioned, update_buffers=True)
-            torch._foreach_add_(params, directions, alpha=-group["lr"])
+            torch._foreach_add_([local_tensor(p) for p in params], directions, alpha=-group["lr"])
 
     # -- the meta step --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -195,10 +232,11 @@ class APOPrecond(MetaLearnedOptimizer):
         params = [p for _, group_params in groups for p in group_params]
         if not params:
             return False
+        shards = shard_group(params)  # FSDP2: the group the parameters are sharded over, else None
         target = self.objective.target(meta_batch)
 
         # θ′ = θ + Δ(φ) in place, group by group; cotangent scale −η·c per parameter
-        theta = [p.detach().clone() for p in params]
+        theta = [local_tensor(p).detach().clone() for p in params]
         scales = []
         for group, group_params in groups:
             if not group_params:
@@ -207,31 +245,58 @@ class APOPrecond(MetaLearnedOptimizer):
                 has_buffer = self.state[p].get("momentum_buffer") is not None
                 scales.append(-group["lr"] * self._coefficient(group, has_buffer))
             with _no_autocast(group_params[0]):
-                preconditioned = [self.factors[p].precondition_full(p.grad).to(p.dtype) for p in group_params]
+                preconditioned = [
+                    self.factors[p].precondition_full(local_tensor(p.grad)).to(p.dtype) for p in group_params
+                ]
             directions = self._direction(group, group_params, preconditioned, update_buffers=False, lookahead=True)
             del preconditioned
-            torch._foreach_add_(group_params, directions, alpha=-group["lr"])
+            torch._foreach_add_([local_tensor(p) for p in group_params], directions, alpha=-group["lr"])
             del directions
 
-        result = self.objective.lookahead_gradient(params, batch, meta_batch, target)
+        if shards is None:
+            result = self.objective.lookahead_gradient(params, batch, meta_batch, target)
+            lookahead_grads = result.lookahead_grads
+        else:
+            # FSDP2: v comes reduce-scattered into .grad; g, which the VJP and the real step still need, is set aside
+            grads = [p.grad for p in params]
+            result = self.objective.lookahead_gradient(params, batch, meta_batch, target, into_grad=True)
+            lookahead_grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g
         wsd = self.objective.lambda_wsd
         objective = result.objective.to(torch.float64)
+        proximity = torch.zeros((), dtype=torch.float64, device=objective.device)  # FSDP2: this rank's shards' part
         meta_grads: list[torch.Tensor] = []
         with _no_autocast(params[0]):
-            for index, (p, v, scale) in enumerate(zip(params, result.lookahead_grads, scales)):
+            for index, (p, v, scale) in enumerate(zip(params, lookahead_grads, scales)):
                 factors = self.factors[p]
-                u = torch.zeros(p.shape, dtype=factors.dtype, device=p.device) if v is None else v.to(factors.dtype)
+                local = local_tensor(p)
+                u = torch.zeros(local.shape, dtype=factors.dtype, device=p.device) if v is None else v.to(factors.dtype)
                 if wsd:
-                    delta = (p.detach() - theta[index]).to(factors.dtype)
+                    delta = (local.detach() - theta[index]).to(factors.dtype)
                     u = u + wsd * delta
-                    objective = objective + 0.5 * wsd * delta.pow(2).sum().to(torch.float64)
-                p.copy_(theta[index])  # back to θ: the real step is taken by step() with the updated φ
+                    term = 0.5 * wsd * delta.pow(2).sum().to(torch.float64)
+                    if shards is None:
+                        objective = objective + term
+                    else:
+                        proximity = proximity + term
+                local.copy_(theta[index])  # back to θ: the real step is taken by step() with the updated φ
                 theta[index] = None
-                meta_grads.extend(factors.vjp(p.grad, u.mul_(scale)))
-        del theta, result
+                meta_grads.extend(factors.vjp(local_tensor(p.grad), u.mul_(scale)))
+        del theta, result, lookahead_grads
         flat = torch.cat([g.reshape(-1).to(torch.float64) for g in meta_grads])
         self.last_meta_gradient = meta_grads
-        if not self._reduce_and_check(flat, objective.to(flat.device)):
+        if shards is not None:
+            # The VJP's sums over the sharded rows (dense right factors, scales) and ‖Δ‖² are this rank's part:
+            # all-reduce them; a diagonal row factor's entries belong to this rank's rows and stay as they are.
+            partial = torch.cat([
+                torch.full((t.numel(),), summed, device=flat.device)
+                for p in params for t, summed in zip(self.factors[p].tensors, self.factors[p].summed_over_shards)
+            ])
+            packed = all_reduce_sum(torch.cat([flat[partial], proximity.reshape(1).to(flat.device)]), shards)
+            flat[partial] = packed[:-1]
+            objective = objective + packed[-1]
+        if not self._reduce_and_check(flat, objective.to(flat.device), sharded=shards is not None):
             return False
 
         offset = 0
@@ -268,6 +333,7 @@ class APOPrecond(MetaLearnedOptimizer):
         super().load_state_dict(state_dict)
         if apo is None:
             return
+        self._follow_replaced_params()  # a resumed Trainer run loads after Accelerate's FSDP2 prepare
         self._load_meta_state(apo)
         for factors, saved, is_identity in zip(self.factors.values(), apo["factors"], apo["factor_is_identity"]):
             for tensor, value in zip(factors.tensors, saved):

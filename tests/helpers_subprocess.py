@@ -19,7 +19,7 @@ def environment():
     return env
 
 
-def train(output_dir, *args, processes=1, check=True):
+def train(output_dir, *args, processes=1, check=True, extra_env=None):
     if processes == 1:
         command = [sys.executable, SCRIPT]
     else:
@@ -27,7 +27,8 @@ def train(output_dir, *args, processes=1, check=True):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                    SCRIPT]
     command += ["--output_dir", str(output_dir), *COMMON, *map(str, args)]
-    completed = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=180)
+    completed = subprocess.run(command, env={**environment(), **(extra_env or {})}, capture_output=True, text=True,
+                               timeout=180)
     if check and completed.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{completed.stderr[-4000:]}")
     return completed

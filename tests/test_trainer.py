@@ -183,11 +183,15 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
         ({"apo": "lr", "apo_loss_batch": "same", "apo_horizon": 100}, "--apo_loss_batch next"),
         ({"apo": "precond", "optim": "sgd", "apo_loss_batch": "next"}, "--apo_loss_batch next"),
         ({"apo": "precond", "optim": "sgd", "apo_lookahead_steps": 0}, "--apo_lookahead_steps"),
-        ({"apo": "lr", "deepspeed": "ds_config.json"}, "DeepSpeed"),
-        ({"apo": "lr", "fsdp": "full_shard"}, "FSDP"),
+        # DeepSpeed and FSDP1 stay refused, and the message names the supported alternative, FSDP2
+        ({"apo": "lr", "deepspeed": "ds_config.json"}, "DeepSpeed.*FSDP2.*--fsdp_config"),
+        ({"apo": "lr", "fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP2 only.*version"),
+        ({"apo": "lr", "fsdp": "full_shard"}, "HF_APO_FSDP2=1"),  # FSDP2: an opt-in until checked on a GPU
+        ({"apo": "lr", "fsdp": "full_shard", "fsdp_config": {"cpu_offload": True}}, "CPU offload"),
     ],
 )
-def test_bad_configuration_is_refused_naming_the_flag(tmp_path, overrides, flag):
+def test_bad_configuration_is_refused_naming_the_flag(tmp_path, overrides, flag, monkeypatch):
+    monkeypatch.delenv("HF_APO_FSDP2", raising=False)
     with pytest.raises(ValueError, match=flag):
         arguments(tmp_path, **overrides)
 

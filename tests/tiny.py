@@ -15,10 +15,23 @@ def tiny_t5(seed: int = 0, dropout: float = 0.0, dtype: torch.dtype = torch.floa
     config = T5Config(
         vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
         dropout_rate=dropout, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD,
-        tie_word_embeddings=True, **overrides,
+        **{"tie_word_embeddings": True, **overrides},
     )
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config).to(dtype)
+
+
+def tiny_llama(seed: int = 0, dropout: float = 0.0):
+    """A causal LM with untied embeddings: Accelerate's FSDP2 checkpoints handle it (not T5's shared embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, attention_dropout=dropout, pad_token_id=PAD,
+        bos_token_id=START, eos_token_id=EOS, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
 
 
 def tiny_bart(seed: int = 0, dtype: torch.dtype = torch.float32):
