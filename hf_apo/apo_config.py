@@ -18,7 +18,7 @@ APO_LR_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "rmsprop")
 APO_LOSS_BATCHES = ("same", "next")
 # The defaults of the flags left unset: per mode and, for APO-LR, per loss batch, so that `--apo_loss_batch same`
 # alone gives the paper's objective with its settings. Evidence: benchmarks/results/apo_lr_defaults.md (APO-LR) and
-# benchmarks/results/quality.md, "Recommended defaults" (APO-Precond).
+# benchmarks/results/apo_precond_compare.md (APO-Precond).
 DEFAULT_LOSS_BATCH = {"lr": "next", "precond": "same"}
 DEEPSPEED_REFUSAL = (
     "--apo does not support DeepSpeed (it replaces the optimizer with its own). To shard a model that does not fit "
@@ -28,7 +28,7 @@ DEEPSPEED_REFUSAL = (
 APO_DEFAULTS = {
     ("lr", "next"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 10_000.0},
     ("lr", "same"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0},
-    ("precond", "same"): {"apo_meta_lr": 3e-3, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0},
+    ("precond", "same"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0},
 }
 
 
@@ -83,7 +83,8 @@ class APOArgumentsMixin:
         default=None,
         metadata={
             "help": "Adam learning rate of the meta-parameters; 0 switches meta-learning off. Default: 0.1 for "
-            "--apo lr (the LR moves about this much in log space per meta step), 0.003 for --apo precond."
+            "--apo lr (the LR moves about this much in log space per meta step), 0.01 for --apo precond (a dense "
+            "factor's spectrum moves about this much per meta step)."
         },
     )
     apo_lambda_fsd: float | None = field(

@@ -59,8 +59,9 @@ class APOPrecond(MetaLearnedOptimizer):
         objective: the proximal meta-objective; required when ``meta_lr > 0``.
         lr, momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
         meta_interval: a meta step every this many optimizer steps.
-        meta_lr: Adam learning rate on the factors (0 turns meta-learning off). 3e-3 ranked best in the benchmark
-            sweep (benchmarks/results/quality.md); 3e-2 was chaotic.
+        meta_lr: learning rate of the meta-optimizer on the factors (0 turns meta-learning off): about how far a
+            dense factor's spectrum, or a diagonal entry, moves per meta step. 0.01 won the rule of
+            benchmarks/apo_precond_compare.py (benchmarks/results/apo_precond_compare.md).
         meta_batch_fraction: the meta batch B′ is this fraction of the previously observed batch.
         max_factor_dim: a side longer than this (or than the weight's other side) gets a diagonal factor.
         diagonal_row_params: parameters whose rows index a vocabulary (input embeddings, LM heads): their row side
@@ -84,7 +85,7 @@ class APOPrecond(MetaLearnedOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         meta_interval: int = 10,
-        meta_lr: float = 3e-3,
+        meta_lr: float = 0.01,
         meta_batch_fraction: float = 0.25,
         max_factor_dim: int = 1024,
         diagonal_row_params=(),

@@ -1,5 +1,6 @@
 """APOTrainer / APOSeq2SeqTrainer on tiny models built from configs (no Hub)."""
 
+import inspect
 import os
 
 import pytest
@@ -221,7 +222,12 @@ def test_help_lists_apo_flags():
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "precond", "--optim", "sgd",
                                                   "--apo_meta_interval", "4"])
     assert args.apo_setting("apo_meta_interval") == 4
-    assert args.apo_setting("apo_loss_batch") == "same" and args.apo_effective_meta_lr == 3e-3
+    assert args.apo_setting("apo_loss_batch") == "same" and args.apo_effective_meta_lr == 0.01
+    # the Trainer's APO-Precond defaults are the optimizer's own
+    signature = inspect.signature(APOPrecond).parameters
+    assert signature["meta_lr"].default == args.apo_effective_meta_lr
+    assert signature["lookahead_steps"].default == args.apo_lookahead_steps
+    assert signature["spectral_meta_step"].default == args.apo_spectral_meta_step
 
 
 def test_predict_with_generate_is_untouched(tmp_path):
