@@ -222,6 +222,8 @@ def _plot(tasks: dict[str, dict], output_dir: Path, quick: bool) -> str | None:
             if times is not None:
                 pairs = [(t, v) for t, v in zip(times, losses) if math.isfinite(v)]
                 row[1].plot([t for t, _ in pairs], [v for _, v in pairs], label=name)
+        if not row[1].lines:  # no training-time curves (finetune: the Trainer's runs time evaluations too)
+            row[1].axis("off")
         for ax, xlabel in zip(row, ("step", "training seconds (1 CPU thread)")):
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
