@@ -55,7 +55,6 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,7 +65,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.apo_lr_defaults import ADAMW_GRID, LONG_BUDGETS, load_runs as load_apo_lr_runs, mean_final
-from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, environment, markdown_table
+from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, environment
 from benchmarks.tasks import TASKS, run_once
 
 TASK_NAMES = ("digits_classification", "digits_autoencoder", "teacher_student", "translation", "finetune")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ from benchmarks.common import (
     train_step,
     write_json,
 )
-from hf_apo import APOPrecond, KroneckerFactors
+from hf_apo import KroneckerFactors
 
 VOCAB = 1000
 BATCH = 32
