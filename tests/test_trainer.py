@@ -14,7 +14,6 @@ from transformers import (
     HfArgumentParser,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
-    Trainer,
 )
 
 from hf_apo import APOLR, APOPrecond, APOSeq2SeqTrainer, APOSeq2SeqTrainingArguments, APOTrainer, APOTrainingArguments
