@@ -17,6 +17,9 @@ import torch
 
 from helpers_subprocess import environment, result, train
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the benchmarks beside the package
+from benchmarks.fsdp_gpu_check import VARIANTS as GPU_CHECK_VARIANTS  # noqa: E402
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_fsdp.py")
 VARIANTS = ("lr", "lr_next", "precond")
 
@@ -91,14 +94,8 @@ def test_fsdp2_sigkill_then_resume_continues_the_uninterrupted_run(runs, tmp_pat
 TRAINER_COMMON = ["--llama", "--max_steps", "8", "--per_device_train_batch_size", "4", "--apo_meta_interval", "2",
                   "--apo_meta_batch_fraction", "1.0"]
 TRAINER_FSDP2 = ["--force_fsdp_on_cpu", "--fsdp", "full_shard", "--fsdp_config", '{"version": 2}']
-TRAINER_VARIANTS = {
-    "lr": ["--apo", "lr", "--apo_loss_batch", "same", "--apo_meta_lr", "0.2"],
-    "lr_next": ["--apo", "lr", "--apo_loss_batch", "next", "--apo_lambda_fsd", "1", "--apo_horizon", "10",
-                "--apo_meta_lr", "0.2"],
-    # --diagonal_rows: the DDP run gets the factors FSDP2 allows
-    "precond": ["--apo", "precond", "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.05",
-                "--apo_meta_lr", "0.05", "--diagonal_rows"],
-}
+# The same variants as the GPU check, so that it checks on GPUs what these tests check on CPU processes.
+TRAINER_VARIANTS = GPU_CHECK_VARIANTS
 OPT_IN = {"HF_APO_FSDP2": "1"}
 
 
