@@ -63,7 +63,7 @@ class MethodSpec:
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
     meta_interval: int = 10
-    meta_lr: float | None = None  # None: the optimizer's own default (0.1 for APO-LR, 3e-3 for APO-Precond)
+    meta_lr: float | None = None  # None: the optimizer's own default (0.1 for APO-LR, 0.01 for APO-Precond)
     meta_batch_fraction: float = 0.25
     lambda_fsd: float = 10.0
     lambda_wsd: float = 0.0

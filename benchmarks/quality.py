@@ -27,9 +27,12 @@ Every optimizer gets the same step budget, the same batches and the same initial
    meta interval × meta batch fraction, lambda_wsd without lambda_fsd, and APO-Precond's meta_lr: the evidence for
    the recommended defaults.
 
+Each finished run is appended to ``<output_dir>/quality_runs/<task>.jsonl``; a rerun reads those back instead of
+training them again, so a killed run resumes (delete the folder, or pass ``--fresh``, after changing an optimizer).
+
 Usage::
 
-    python benchmarks/quality.py                       # full run (about 30 minutes on 2 CPU cores)
+    python benchmarks/quality.py                       # full run (about 40 minutes of one CPU core)
     python benchmarks/quality.py --quick --output_dir /tmp/quality
     python benchmarks/quality.py --tasks digits_classification --seeds 0 1 2
 """
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
 import sys
@@ -93,13 +97,40 @@ def steps_to_reach(entry: dict, target: float) -> tuple[int | None, float | None
 
 
 class TaskRunner:
-    """Runs the methods of one task over the seeds, caching results by (method name, precision)."""
+    """Runs the methods of one task over the seeds, caching results by (method name, precision).
 
-    def __init__(self, task: Task, data: TaskData, seeds: list[int], bar):
+    With ``runs_file``, each finished run is appended to it as one JSON line and a run already there (same spec,
+    seed, precision and budget) is read back instead of trained, so a killed benchmark resumes where it stopped.
+    """
+
+    def __init__(self, task: Task, data: TaskData, seeds: list[int], bar, runs_file: Path | None = None):
         self.task, self.data, self.seeds, self.bar = task, data, seeds, bar
         self.specs: dict[str, MethodSpec] = {}
         self.results: dict[tuple[str, str], dict] = {}
         self.eval_steps = list(dict.fromkeys([0, *range(task.eval_every, task.steps + 1, task.eval_every), task.steps]))
+        self.runs_file = runs_file
+        self.done: dict[str, dict] = {}
+        if runs_file is not None and runs_file.exists():
+            for line in runs_file.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: that run is redone
+                    continue
+                self.done[row["key"]] = row["result"]
+
+    def _run_key(self, spec: MethodSpec, seed: int, precision: str) -> str:
+        return json.dumps([spec.to_dict(), seed, precision, self.task.steps, self.task.eval_every, self.task.batch_size],
+                          sort_keys=True)
+
+    def _run_once(self, spec: MethodSpec, seed: int, precision: str) -> dict:
+        key = self._run_key(spec, seed, precision)
+        if key not in self.done:
+            self.done[key] = run_once(self.task, self.data, spec, seed, precision)
+            if self.runs_file is not None:
+                self.runs_file.parent.mkdir(parents=True, exist_ok=True)
+                with self.runs_file.open("a") as out:
+                    out.write(json.dumps({"key": key, "result": self.done[key]}) + "\n")
+        return self.done[key]
 
     def run(self, spec: MethodSpec, precision: str = "fp32") -> dict:
         key = (spec.name, precision)
@@ -109,7 +140,7 @@ class TaskRunner:
             for seed in self.seeds:
                 if self.bar is not None:
                     self.bar.set_postfix_str(f"{self.task.name} {spec.name} {precision} seed {seed}")
-                runs.append(run_once(self.task, self.data, spec, seed, precision))
+                runs.append(self._run_once(spec, seed, precision))
                 if self.bar is not None:
                     self.bar.update()
             entry = aggregate(runs, self.eval_steps)
@@ -131,7 +162,8 @@ def lr_name(prefix: str, lr: float) -> str:
 def run_task(task: Task, args, bar) -> dict:
     torch.set_num_threads(args.threads)
     data = task.load(args.quick)
-    runner = TaskRunner(task, data, args.seeds, bar)
+    runs_file = None if args.fresh else args.output_dir / "quality_runs" / f"{task.name}.jsonl"
+    runner = TaskRunner(task, data, args.seeds, bar, runs_file)
     methods = set(args.methods) if args.methods else None
 
     def wanted(group: str) -> bool:
@@ -616,6 +648,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps_scale", type=float, default=1.0, help="multiply every task's step budget")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps a shared machine's noise "
                         "low; the step counts and losses do not depend on it)")
+    parser.add_argument("--fresh", action="store_true", help="neither read nor write OUTPUT_DIR/quality_runs/ (by "
+                        "default finished runs are kept there and a rerun skips them: delete it after changing the "
+                        "optimizers)")
     parser.add_argument("--rerender", action="store_true", help="train nothing: recompute the claims, defaults, plots "
                         "and quality.md from OUTPUT_DIR/quality.json (and overhead.json beside it)")
     args = parser.parse_args(argv)
@@ -649,8 +684,6 @@ def count_runs(task: Task, args) -> int:
 
 
 def load_overhead(output_dir: Path) -> dict | None:
-    import json
-
     path = output_dir / "overhead.json"
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -673,8 +706,6 @@ def write_report(results: dict, output_dir: Path) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.rerender:
-        import json
-
         results = json.loads((args.output_dir / "quality.json").read_text(), parse_constant=float)
         _restore_infinities(results)
         write_report(results, args.output_dir)

@@ -5,6 +5,7 @@ Each runs in a subprocess, as a user runs it, so its torch thread setting cannot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -93,6 +94,34 @@ def test_quality_quick(tmp_path):
     assert results["environment"]["command"].endswith("--output_dir " + str(tmp_path)) or "--quick" in results["environment"]["command"]
     text = (tmp_path / "quality.md").read_text()
     assert "## Claims, as measured" in text and "## Recommended defaults" in text
+
+
+def test_quality_resumes_from_its_runs_file(tmp_path, monkeypatch):
+    """A killed quality.py loses no finished run: each is on file as it ends and a rerun reads it back untrained."""
+    pytest.importorskip("sklearn")
+    from benchmarks import quality
+    from benchmarks.common import MethodSpec
+    from benchmarks.tasks import TASKS
+
+    task = dataclasses.replace(TASKS["diabetes"], steps=6, eval_every=3)
+    data = task.load(True)
+    spec = MethodSpec("adamw_1e-03", "adamw", lr=1e-3)
+    path = tmp_path / "quality_runs" / "diabetes.jsonl"
+    first = quality.TaskRunner(task, data, [0, 1], None, path).run(spec)
+    assert len(path.read_text().splitlines()) == 2
+    with path.open("a") as out:
+        out.write('{"key": "cut by a ki')  # a line a kill cut short is ignored
+
+    trained = []
+    real_run_once = quality.run_once
+    monkeypatch.setattr(quality, "run_once", lambda *a, **k: trained.append(a[2].name) or real_run_once(*a, **k))
+    runner = quality.TaskRunner(task, data, [0, 1], None, path)
+    again = runner.run(spec)
+    assert trained == [] and again["finals"] == first["finals"] and again["mean_curve"] == first["mean_curve"]
+    runner.run(spec.with_(name="adamw_3e-03", lr=3e-3))  # another spec, or another budget, is trained
+    longer = quality.TaskRunner(dataclasses.replace(task, steps=9), data, [0], None, path)
+    longer.run(spec)
+    assert trained == ["adamw_3e-03", "adamw_3e-03", "adamw_1e-03"]
 
 
 def test_apo_lr_defaults_quick_applies_the_rule(tmp_path):
