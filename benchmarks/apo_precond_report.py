@@ -136,7 +136,8 @@ def summarize_task(output_dir: Path, task: str, quick: bool) -> dict | None:
 
 
 def apply_rule(tasks: dict[str, dict]) -> dict:
-    """Mean rank of the candidates over the rule's tasks; ties (≤ TIE) go to the one-step look-ahead, then spectral."""
+    """Mean rank of the candidates over the rule's tasks; ties (≤ TIE) go to the one-step look-ahead, then spectral,
+    then λ_FSD 10."""
     ranks = {name: [] for name in CANDIDATES}
     for task in RULE_TASKS:
         summary = tasks.get(task)
@@ -150,7 +151,8 @@ def apply_rule(tasks: dict[str, dict]) -> dict:
         return {"scores": {}, "order": [], "winner": None, "cells": 0}
     best = min(scores.values())
     tied = sorted((n for n in scores if scores[n] <= best + TIE),
-                  key=lambda n: (CANDIDATES[n]["lookahead_steps"] != 1, not CANDIDATES[n]["spectral_meta_step"], scores[n]))
+                  key=lambda n: (CANDIDATES[n]["lookahead_steps"] != 1, not CANDIDATES[n]["spectral_meta_step"],
+                                 CANDIDATES[n].get("lambda_fsd", 10.0) != 10.0, scores[n]))
     order = tied + sorted((n for n in scores if n not in tied), key=lambda n: scores[n])
     return {"scores": scores, "order": order, "winner": order[0], "cells": len(next(iter(ranks.values())))}
 

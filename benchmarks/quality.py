@@ -28,7 +28,8 @@ Every optimizer gets the same step budget, the same batches and the same initial
    the recommended defaults.
 
 Each finished run is appended to ``<output_dir>/quality_runs/<task>.jsonl``; a rerun reads those back instead of
-training them again, so a killed run resumes (delete the folder, or pass ``--fresh``, after changing an optimizer).
+training them again, so a killed run resumes (delete the folder, or pass ``--fresh``, after changing an optimizer;
+it is a local cache, not committed: quality.json is the record).
 
 Usage::
 
