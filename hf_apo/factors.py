@@ -20,6 +20,7 @@ cached between meta steps (they only change there); until the first meta update 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -185,6 +186,46 @@ class FactorAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  spectral: bool = True):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, spectral=spectral))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a saved state, including one saved under the other geometry or by ``torch.optim.Adam``.
+
+        The hyperparameters stay this optimizer's (the run's own flags); only the moments and step counts load. A
+        dense factor's second moment saved per entry (``torch.optim.Adam``, as hf_apo saved it before this class,
+        or ``spectral=False``) becomes the scalar of the spectral step as its sum, E‖G‖²_F ≥ E‖G‖²₂; a saved scalar
+        becomes a per-entry one by broadcasting. Both over-estimate, so the first steps after the switch are
+        smaller, never larger, and a warning says so.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("FactorAdam.load_state_dict: the saved state has a different number of parameter groups.")
+        groups = [{**{k: v for k, v in current.items() if k != "params"}, "params": saved["params"]}
+                  for current, saved in zip(self.param_groups, saved_groups)]
+        super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+        converted = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                state["step"] = int(state["step"])
+                for key in [k for k in state if k not in ("step", "exp_avg", "exp_avg_sq")]:
+                    del state[key]  # torch.optim.Adam's max_exp_avg_sq and the like
+                whole = group["spectral"] and p.dim() == 2
+                second = state["exp_avg_sq"]
+                if whole and second.dim() != 0:
+                    state["exp_avg_sq"] = second.sum()
+                    converted += 1
+                elif not whole and second.dim() == 0 and p.dim() != 0:
+                    state["exp_avg_sq"] = second.expand_as(p).clone()
+                    converted += 1
+        if converted:
+            warnings.warn(
+                f"APO-Precond: the saved meta-optimizer state of {converted} factor(s) was kept under the other meta "
+                "step (per-entry Adam vs --apo_spectral_meta_step); their second moments were converted to an upper "
+                "bound, so the next few meta steps are smaller than usual.",
+                stacklevel=2,
+            )
 
     @torch.no_grad()
     def step(self, closure=None):

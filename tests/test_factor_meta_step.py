@@ -84,3 +84,35 @@ def test_two_meta_steps_move_a_64_wide_factor_by_about_meta_lr(spectral):
         assert 0.5 * meta_lr < moved <= 8 * meta_lr
     else:
         assert moved > 20 * meta_lr
+
+
+def test_loads_meta_state_saved_by_torch_adam_or_the_other_geometry():
+    """A checkpoint from before FactorAdam (torch.optim.Adam's state) resumes: the run's own hyperparameters stay,
+    the moments carry over, and a dense factor's per-entry second moment becomes the spectral scalar (its sum)."""
+    generator = torch.Generator().manual_seed(0)
+    dense, diagonal = torch.eye(4).requires_grad_(), torch.ones(3).requires_grad_()
+    adam = torch.optim.Adam([dense, diagonal], lr=0.01)
+    dense.grad, diagonal.grad = torch.randn(4, 4, generator=generator), torch.randn(3, generator=generator)
+    adam.step()
+    saved = {p: {k: v.clone() for k, v in adam.state[p].items()} for p in (dense, diagonal)}
+
+    ours = FactorAdam([dense, diagonal], lr=0.02, spectral=True)
+    with pytest.warns(UserWarning, match="converted"):
+        ours.load_state_dict(adam.state_dict())
+    assert ours.param_groups[0]["lr"] == 0.02 and ours.param_groups[0]["spectral"] is True
+    assert ours.state[dense]["step"] == 1 and ours.state[dense]["exp_avg_sq"].dim() == 0
+    torch.testing.assert_close(ours.state[dense]["exp_avg_sq"], saved[dense]["exp_avg_sq"].sum())
+    torch.testing.assert_close(ours.state[dense]["exp_avg"], saved[dense]["exp_avg"])
+    torch.testing.assert_close(ours.state[diagonal]["exp_avg_sq"], saved[diagonal]["exp_avg_sq"])
+    dense.grad, diagonal.grad = torch.randn(4, 4, generator=generator), torch.randn(3, generator=generator)
+    before = dense.detach().clone()
+    ours.step()
+    assert ours.state[dense]["step"] == 2 and torch.isfinite(dense).all() and not torch.equal(dense, before)
+
+    # and back: a spectral scalar broadcast to per-entry second moments
+    per_entry = FactorAdam([dense, diagonal], lr=0.02, spectral=False)
+    with pytest.warns(UserWarning, match="converted"):
+        per_entry.load_state_dict(ours.state_dict())
+    assert per_entry.state[dense]["exp_avg_sq"].shape == dense.shape
+    torch.testing.assert_close(per_entry.state[dense]["exp_avg_sq"],
+                               ours.state[dense]["exp_avg_sq"].expand(4, 4))
