@@ -206,7 +206,7 @@ def run_command(args) -> None:
         grid = SGDM_GRID[task][-1:] if args.quick else SGDM_GRID[task]
         sgdm = {lr: sweep.run("sgdm", MethodSpec("sgdm", "sgd", lr=lr, momentum=0.9)) for lr in grid}
         base_lr = min(grid, key=lambda lr: mean_final(sgdm[lr]))
-        for name in CANDIDATES:
+        for name in args.candidates or CANDIDATES:
             sweep.run(name, candidate_spec(name, base_lr))
         if task == "finetune":
             continue
@@ -230,6 +230,8 @@ def parse_args(argv=None):
     run = sub.add_parser("run", help="run (or resume) the sweep on some tasks")
     run.add_argument("--tasks", nargs="+", choices=TASK_NAMES, required=True)
     run.add_argument("--no_precision", action="store_true", help="skip the bf16 runs")
+    run.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=None,
+                     help="run only these APO-Precond candidates (default: all; e.g. to split a task over two processes)")
     report = sub.add_parser("report", help="apply the rule to the finished runs and write the tables")
     for p in (run, report):
         p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
