@@ -29,8 +29,9 @@ Methods, per task:
 * ``adamw``: the best constant AdamW LR of ``apo_lr_runs/<task>.jsonl`` (same budgets and seeds);
 * ``soap``, ``psgd_kron``, ``shampoo`` (heavyball, eager) at that best AdamW LR: transferred, not tuned (a stated
   limitation); on translation PSGD-Kron and Shampoo run seed 0 only (about 15 minutes of one core per run there);
-* precision: ``sgdm`` (best), ``spectral``, ``adamw`` (best) and ``soap`` again with bf16 weights and under bf16
-  autocast, seed 0, on the three small tasks.
+* precision: ``sgdm`` (best), the APO-Precond default (``PRECISION_CANDIDATES``: the first round's ``spectral`` and
+  the rule's winner), ``adamw`` (best) and ``soap`` again with bf16 weights and under bf16 autocast, seed 0, on the
+  three small tasks.
 
 The rule for APO-Precond's default, written before the sweep ran: in each task the candidates are ranked by
 their mean final validation loss (a diverged seed counts as infinitely bad); the candidate with the best mean rank
@@ -93,7 +94,9 @@ CANDIDATES: dict[str, dict] = {
 PEERS = ("soap", "psgd_kron", "shampoo")
 # On translation PSGD-Kron and Shampoo run one seed: each takes about 15 minutes of one core there.
 PEER_SEEDS = {("translation", "psgd_kron"): (0,), ("translation", "shampoo"): (0,)}
-PRECISION_METHODS = ("sgdm", "spectral", "adamw", "soap")
+# the candidates whose bf16 runs are made: the first round's default, and the default the rule picks now
+PRECISION_CANDIDATES = ("spectral",)
+PRECISION_METHODS = ("sgdm", *PRECISION_CANDIDATES, "adamw", "soap")
 PRECISIONS = ("bf16_weights", "bf16_autocast")
 TIE = 0.25
 
@@ -217,7 +220,7 @@ def run_command(args) -> None:
             sweep.run(peer, MethodSpec(peer, peer, lr=adamw_lr), seeds=None if args.quick else PEER_SEEDS.get((task, peer)))
         if task in SMALL and not args.no_precision:
             specs = {"sgdm": MethodSpec("sgdm", "sgd", lr=base_lr, momentum=0.9),
-                     "spectral": candidate_spec("spectral", base_lr),
+                     **{name: candidate_spec(name, base_lr) for name in PRECISION_CANDIDATES},
                      "adamw": MethodSpec("adamw", "adamw", lr=adamw_lr), "soap": MethodSpec("soap", "soap", lr=adamw_lr)}
             for precision in PRECISIONS:
                 for method in PRECISION_METHODS:  # AdamW's float32 runs come from apo_lr_runs

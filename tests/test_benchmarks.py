@@ -169,7 +169,7 @@ def test_apo_precond_compare_quick_applies_the_rule(tmp_path):
                                    capture_output=True, text=True, timeout=400)
         assert completed.returncode == 0, completed.stderr[-4000:]
     sys.path.insert(0, str(REPO_ROOT))
-    from benchmarks.apo_precond_compare import CANDIDATES, PEERS
+    from benchmarks.apo_precond_compare import CANDIDATES, PEERS, PRECISION_CANDIDATES
 
     report = json.loads((tmp_path / "apo_precond_compare.json").read_text())
     rule = report["rule"]
@@ -182,7 +182,7 @@ def test_apo_precond_compare_quick_applies_the_rule(tmp_path):
         assert {*CANDIDATES, *PEERS, "adamw"} <= set(methods)
         for position, name in enumerate(sorted(CANDIDATES, key=lambda n: methods[n]["final_mean"]), start=1):
             ranks[name].append(position)
-        assert set(report["tasks"][task]["precision"]) == {"sgdm", "spectral", "adamw", "soap"}
+        assert set(report["tasks"][task]["precision"]) == {"sgdm", *PRECISION_CANDIDATES, "adamw", "soap"}
     assert rule["scores"] == pytest.approx({name: sum(r) / len(r) for name, r in ranks.items()})
     assert len(report["targets"]) == 5
     assert (tmp_path / "apo_precond_compare.png").stat().st_size > 1000
