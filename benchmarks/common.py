@@ -72,6 +72,7 @@ class MethodSpec:
     max_factor_dim: int = 1024
     lookahead_steps: int = 1
     spectral_meta_step: bool = True
+    stochastic_rounding: bool = True
 
     @property
     def is_apo(self) -> bool:
@@ -118,7 +119,7 @@ def build_optimizer(
             optimizer = APOPrecond(
                 params, objective, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
                 max_factor_dim=spec.max_factor_dim, lookahead_steps=spec.lookahead_steps,
-                spectral_meta_step=spec.spectral_meta_step, **meta,
+                spectral_meta_step=spec.spectral_meta_step, stochastic_rounding=spec.stochastic_rounding, **meta,
             )
     elif spec.kind == "adamw":
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=wd)

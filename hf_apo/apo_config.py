@@ -156,6 +156,15 @@ class APOArgumentsMixin:
         },
     )
 
+    apo_stochastic_rounding: bool = field(
+        default=True,
+        metadata={
+            "help": "--apo precond, bf16 weights (a model loaded in bfloat16, without --bf16's float32 master "
+            "weights): round each update to bf16 stochastically (unbiased) instead of to the nearest, which drops "
+            "updates below half a bf16 ulp. No effect on float32 weights."
+        },
+    )
+
     def __post_init__(self):
         # Before the parent's checks: a DeepSpeed config would otherwise be loaded (and need deepspeed) first.
         self._validate_apo_fields()

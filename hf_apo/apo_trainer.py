@@ -109,6 +109,7 @@ class APOTrainerMixin:
                 max_factor_dim=args.apo_max_factor_dim,
                 lookahead_steps=args.apo_lookahead_steps,
                 spectral_meta_step=args.apo_spectral_meta_step,
+                stochastic_rounding=args.apo_stochastic_rounding,
                 diagonal_row_params=self.apo_diagonal_row_params(opt_model),
                 **meta,
             )

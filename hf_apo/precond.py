@@ -35,6 +35,13 @@ the ranks; L's entries stay with their rows.
 
 The look-ahead writes θ′ into the parameters in place and restores θ from a copy afterwards (one extra copy of the
 parameters, on meta steps only); the momentum buffers are not touched by it.
+
+bf16 parameters. Rounding θ − η·d to the nearest bf16 drops every update smaller than half a bf16 ulp of its entry
+(2⁻⁹ relative): on the translation benchmark at lr 0.1, 55–79% of the entries did not move in a step. With
+``stochastic_rounding`` (the default) a bf16 parameter's update is added in float32 and rounded up or down at random
+with the probabilities that make the rounding unbiased, so small updates accumulate in expectation, at no memory
+cost. The draws come from the optimizer's own generator (seeded, saved in the state dict), so every data-parallel
+rank rounds alike and a resumed run continues the same stream.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ class APOPrecond(MetaLearnedOptimizer):
             False gives per-entry Adam.
         lookahead_steps: how many steps of the momentum the look-ahead follows (see the module docstring); 1 is
             the paper's one-step look-ahead. Without momentum it changes nothing.
+        stochastic_rounding: round the update of bf16 parameters stochastically (see the module docstring); no
+            effect on float32 or float64 parameters.
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class APOPrecond(MetaLearnedOptimizer):
         meta_betas: tuple[float, float] = (0.9, 0.999),
         lookahead_steps: int = 1,
         spectral_meta_step: bool = True,
+        stochastic_rounding: bool = True,
     ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}.")
@@ -114,6 +124,8 @@ class APOPrecond(MetaLearnedOptimizer):
         self.max_factor_dim = max_factor_dim
         self.lookahead_steps = lookahead_steps
         self.spectral_meta_step = spectral_meta_step
+        self.stochastic_rounding = stochastic_rounding
+        self._rounding_generators: dict[torch.device, torch.Generator] = {}
         vocabulary = {id(p) for p in diagonal_row_params}
         self._diagonal_rows = [id(p) in vocabulary for p in self._all_params()]
         self._build_factors()
@@ -219,7 +231,32 @@ class APOPrecond(MetaLearnedOptimizer):
             with _no_autocast(params[0]):
                 preconditioned = [self.factors[p].precondition(local_tensor(p.grad)) for p in params]
             directions = self._direction(group, params, preconditioned, update_buffers=True)
-            torch._foreach_add_([local_tensor(p) for p in params], directions, alpha=-group["lr"])
+            targets = [local_tensor(p) for p in params]
+            if self.stochastic_rounding and any(t.dtype == torch.bfloat16 for t in targets):
+                for target, direction in zip(targets, directions):
+                    if target.dtype == torch.bfloat16:
+                        self._stochastic_add_(target, direction, -group["lr"])
+                    else:
+                        target.add_(direction, alpha=-group["lr"])
+            else:
+                torch._foreach_add_(targets, directions, alpha=-group["lr"])
+
+    def _rounding_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._rounding_generators:
+            self._rounding_generators[device] = torch.Generator(device=device).manual_seed(0)
+        return self._rounding_generators[device]
+
+    def _stochastic_add_(self, target: torch.Tensor, update: torch.Tensor, alpha: float) -> None:
+        """target += alpha · update for a bf16 ``target``, the float32 sum rounded to bf16 without bias.
+
+        A bf16 number is a float32 with its 16 low bits zero: adding a uniform random 16-bit integer to the float32
+        sum's bits and clearing them rounds its magnitude up with probability (distance to the lower neighbour) /
+        (spacing), the trick of heavyball and Zamirai et al. (2020). inf and NaN stay what they are.
+        """
+        exact = target.float().add_(update.float(), alpha=alpha)
+        noise = torch.randint(0, 1 << 16, exact.shape, dtype=torch.int32, device=exact.device,
+                              generator=self._rounding_generator(exact.device))
+        target.copy_(exact.view(torch.int32).add_(noise).bitwise_and_(-65536).view(torch.float32))
 
     # -- the meta step --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -325,6 +362,7 @@ class APOPrecond(MetaLearnedOptimizer):
             "factors": [[t.detach().clone() for t in f.tensors] for f in self.factors.values()],
             "factor_is_identity": [f.is_identity for f in self.factors.values()],
             "meta_optimizer": self.meta_optimizer.state_dict(),
+            "rounding_generators": {str(d): g.get_state() for d, g in self._rounding_generators.items()},
         }
         return state
 
@@ -342,6 +380,8 @@ class APOPrecond(MetaLearnedOptimizer):
             if not is_identity:
                 factors.refresh()
         self.meta_optimizer.load_state_dict(apo["meta_optimizer"])
+        for device, generator_state in apo.get("rounding_generators", {}).items():
+            self._rounding_generator(torch.device(device)).set_state(generator_state)
 
     def metrics(self) -> dict[str, float]:
         metrics = super().metrics()

@@ -156,6 +156,26 @@ def test_precond_trains_bf16_t5_with_float32_factors_and_round_trips():
         assert torch.equal(p, q)
 
 
+def test_bf16_updates_below_half_an_ulp_accumulate_with_stochastic_rounding():
+    """lr · g = 1e-3 on bf16 ones (ulp 2⁻⁷ ≈ 0.0078): rounding to the nearest drops every step; stochastic rounding
+    is unbiased (100 steps: mean 1.1), and two optimizers built alike round alike (as data-parallel ranks must)."""
+
+    def train(stochastic_rounding: bool) -> torch.Tensor:
+        weight = torch.nn.Parameter(torch.ones(20_000, dtype=torch.bfloat16))
+        optimizer = APOPrecond([weight], lr=1e-3, meta_lr=0.0, stochastic_rounding=stochastic_rounding)
+        for _ in range(100):
+            weight.grad = torch.full_like(weight, -1.0)
+            optimizer.step()
+        return weight.detach().float()
+
+    assert torch.equal(train(False), torch.ones(20_000))
+    rounded = train(True)
+    assert rounded.mean().item() == pytest.approx(1.1, abs=1e-3)  # its standard error is 2e-4
+    assert rounded.min() >= 1.0 and torch.equal(rounded * 128, (rounded * 128).round())  # on bf16's grid in [1, 2)
+    assert rounded.std() > 0.01  # each entry took its own draws
+    assert torch.equal(rounded, train(True))
+
+
 # -- c. the NaN guard --------------------------------------------------------------------------------------------
 
 

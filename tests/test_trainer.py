@@ -209,7 +209,8 @@ def test_help_lists_apo_flags():
     text = parser.format_help()
     for flag in ("--apo {none,lr,precond}", "--apo_meta_interval", "--apo_meta_lr", "--apo_lambda_fsd",
                  "--apo_lambda_wsd", "--apo_meta_batch_fraction", "--apo_lr_clamp", "--apo_max_factor_dim",
-                 "--apo_loss_batch {same,next}", "--apo_horizon", "--apo_lookahead_steps", "--apo_spectral_meta_step"):
+                 "--apo_loss_batch {same,next}", "--apo_horizon", "--apo_lookahead_steps", "--apo_spectral_meta_step",
+                 "--apo_stochastic_rounding"):
         assert flag in text
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "lr", "--apo_lambda_fsd", "3"])
     assert args.apo == "lr" and args.apo_lambda_fsd == 3.0 and args.apo_setting("apo_lambda_fsd") == 3.0
@@ -227,6 +228,7 @@ def test_help_lists_apo_flags():
     assert signature["meta_lr"].default == args.apo_effective_meta_lr
     assert signature["lookahead_steps"].default == args.apo_lookahead_steps
     assert signature["spectral_meta_step"].default == args.apo_spectral_meta_step
+    assert signature["stochastic_rounding"].default == args.apo_stochastic_rounding
 
 
 def test_predict_with_generate_is_untouched(tmp_path):
