@@ -31,7 +31,12 @@ Methods, per task:
   limitation); on translation PSGD-Kron and Shampoo run seed 0 only (about 15 minutes of one core per run there);
 * precision: ``sgdm`` (best), the APO-Precond default (``PRECISION_CANDIDATES``: the first round's ``spectral`` and
   the rule's winner), ``adamw`` (best) and ``soap`` again with bf16 weights and under bf16 autocast, seed 0, on the
-  three small tasks.
+  three small tasks;
+* rounding, bf16 weights: each of ``PRECISION_CANDIDATES`` with its update rounded stochastically (its own name,
+  ``--apo_stochastic_rounding``) and to the nearest (``<name>_nearest``), seeds ``ROUNDING_SEEDS``, each paired with
+  its float32 run. Rule, written before these ran: stochastic rounding stays on by default if, for the rule's winner,
+  its mean change against float32 is lower than rounding to the nearest's on at least 2 of the 3 small tasks.
+  (The first round's bf16-weights runs rounded to the nearest; they are on file as ``spectral_nearest``.)
 
 The rule for APO-Precond's default, written before the sweep ran: in each task the candidates are ranked by
 their mean final validation loss (a diverged seed counts as infinitely bad); the candidate with the best mean rank
@@ -98,6 +103,7 @@ PEER_SEEDS = {("translation", "psgd_kron"): (0,), ("translation", "shampoo"): (0
 PRECISION_CANDIDATES = ("spectral",)
 PRECISION_METHODS = ("sgdm", *PRECISION_CANDIDATES, "adamw", "soap")
 PRECISIONS = ("bf16_weights", "bf16_autocast")
+ROUNDING_SEEDS = (0, 1, 2)
 TIE = 0.25
 
 
@@ -225,6 +231,11 @@ def run_command(args) -> None:
             for precision in PRECISIONS:
                 for method in PRECISION_METHODS:  # AdamW's float32 runs come from apo_lr_runs
                     sweep.run(method, specs[method], precision, seeds=(0,))
+            seeds = None if args.quick else ROUNDING_SEEDS
+            for name in PRECISION_CANDIDATES:
+                sweep.run(name, specs[name], "bf16_weights", seeds=seeds)
+                nearest = specs[name].with_(name=f"{name}_nearest", stochastic_rounding=False)
+                sweep.run(nearest.name, nearest, "bf16_weights", seeds=seeds)
 
 
 def parse_args(argv=None):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from benchmarks.apo_lr_defaults import LONG_BUDGETS, load_runs as load_apo_lr_runs, mean_final
 from benchmarks.apo_precond_compare import (
-    CANDIDATES, PEER_SEEDS, PEERS, PRECISION_CANDIDATES, PRECISION_METHODS, PRECISIONS, RULE_TASKS, SEEDS, SGDM_GRID, SMALL, TASK_NAMES, TIE,
+    CANDIDATES, PEER_SEEDS, PEERS, PRECISION_CANDIDATES, PRECISION_METHODS, PRECISIONS, ROUNDING_SEEDS, RULE_TASKS, SEEDS, SGDM_GRID, SMALL, TASK_NAMES, TIE,
     best_adamw_lr, load_runs,
 )
 from benchmarks.common import markdown_table, write_json
@@ -129,10 +129,21 @@ def summarize_task(output_dir: Path, task: str, quick: bool) -> dict | None:
                 entry[p] = rows[0]["final"] if rows else math.nan
                 entry[f"{p}_change"] = entry[p] / entry["fp32"] - 1 if rows and fp32 else math.nan
             precision[method] = entry
+    rounding = {}
+    if task in SMALL:
+        for name in PRECISION_CANDIDATES:
+            fp32 = {r["seed"]: r["final"] for r in by.get((name, float(f"{base_lr:.6g}"), "fp32"), [])}
+            entry = {}
+            for mode, method in (("stochastic", name), ("nearest", f"{name}_nearest")):
+                rows = [r for r in by.get((method, float(f"{base_lr:.6g}"), "bf16_weights"), []) if r["seed"] in fp32]
+                changes = [r["final"] / fp32[r["seed"]] - 1 for r in rows]
+                entry[mode] = statistics.fmean(changes) if changes else math.nan
+                entry[f"{mode}_seeds"] = len(changes)
+            rounding[name] = entry
     for m in methods.values():
         m.pop("rows")
     return {"task": task, "steps": steps, "seeds": seeds, "sgdm_best_lr": base_lr, "adamw_lr": adamw_lr,
-            "methods": methods, "precision": precision}
+            "methods": methods, "precision": precision, "rounding": rounding}
 
 
 def apply_rule(tasks: dict[str, dict]) -> dict:
@@ -155,6 +166,16 @@ def apply_rule(tasks: dict[str, dict]) -> dict:
                                  CANDIDATES[n].get("lambda_fsd", 10.0) != 10.0, scores[n]))
     order = tied + sorted((n for n in scores if n not in tied), key=lambda n: scores[n])
     return {"scores": scores, "order": order, "winner": order[0], "cells": len(next(iter(ranks.values())))}
+
+
+def rounding_rule(tasks: dict[str, dict], winner: str | None) -> dict:
+    """Stochastic rounding stays on if, for the winner, its mean bf16-weights change is the lower on ≥ 2 of 3 tasks."""
+    shown = winner if winner in PRECISION_CANDIDATES else PRECISION_CANDIDATES[0]
+    cells = [(t, tasks[t]["rounding"].get(shown, {})) for t in SMALL if tasks.get(t)]
+    cells = [(t, e) for t, e in cells if e.get("stochastic_seeds") and e.get("nearest_seeds")]
+    wins = [t for t, e in cells if e["stochastic"] < e["nearest"]]
+    return {"candidate": shown, "tasks": len(cells), "stochastic_wins": wins,
+            "stochastic_rounding": len(cells) == len(SMALL) and len(wins) >= 2}
 
 
 def _base(summary: dict) -> str:
@@ -244,7 +265,8 @@ def _plot(tasks: dict[str, dict], output_dir: Path, quick: bool) -> str | None:
 def write_report(output_dir: Path, quick: bool, env: dict) -> dict:
     tasks = {task: summarize_task(output_dir, task, quick) for task in TASK_NAMES}
     rule = apply_rule(tasks)
-    report = {"environment": env, "rule": rule, "targets": targets(tasks, rule["winner"]), "tasks": tasks}
+    report = {"environment": env, "rule": rule, "targets": targets(tasks, rule["winner"]),
+              "rounding_rule": rounding_rule(tasks, rule["winner"]), "tasks": tasks}
     write_json(output_dir / "apo_precond_compare.json", report)
     plot = _plot(tasks, output_dir, quick)
     lines = ["# APO-Precond against SGD-m and the second-order peers", "",
@@ -256,6 +278,18 @@ def write_report(output_dir: Path, quick: bool, env: dict) -> dict:
     lines += [markdown_table(["candidate", "settings", "mean rank"],
                             [[n, json.dumps(CANDIDATES[n]), f"{rule['scores'][n]:.2f}"] for n in rule["order"]])]
     lines += ["", f"**Default: `{rule['winner']}`** (over {rule['cells']} tasks).", ""]
+    rounding = report["rounding_rule"]
+    lines += ["## bf16 weights: stochastic rounding or rounding to the nearest", "",
+              f"Mean change of the final validation loss against float32 (paired by seed, seeds "
+              f"{', '.join(map(str, ROUNDING_SEEDS))}) with the model's weights in bf16:", ""]
+    lines += [markdown_table(["task", "candidate", "stochastic rounding", "to the nearest", "seeds"],
+                             [[task, name, _pct(e["stochastic"]), _pct(e["nearest"]),
+                               f"{e['stochastic_seeds']} / {e['nearest_seeds']}"]
+                              for task in SMALL if tasks.get(task) for name, e in tasks[task]["rounding"].items()])]
+    lines += ["", f"Rule (stochastic rounding stays on if it is the lower for `{rounding['candidate']}` on ≥ 2 of 3 "
+              f"tasks): lower on {len(rounding['stochastic_wins'])}/{rounding['tasks']} "
+              f"({', '.join(rounding['stochastic_wins']) or 'none'}): **stochastic rounding "
+              f"{'on' if rounding['stochastic_rounding'] else 'off'}**.", ""]
     lines += ["## Targets (issue 11), as measured", ""]
     lines += [markdown_table(["target", "value", "met", "detail"],
                             [[t["target"], t["value"], "yes" if t["met"] else "**no**", t["detail"]] for t in report["targets"]])]

@@ -183,6 +183,10 @@ def test_apo_precond_compare_quick_applies_the_rule(tmp_path):
         for position, name in enumerate(sorted(CANDIDATES, key=lambda n: methods[n]["final_mean"]), start=1):
             ranks[name].append(position)
         assert set(report["tasks"][task]["precision"]) == {"sgdm", *PRECISION_CANDIDATES, "adamw", "soap"}
+        for entry in report["tasks"][task]["rounding"].values():  # bf16 weights, both roundings, paired with fp32
+            assert entry["stochastic_seeds"] == entry["nearest_seeds"] == 1
+            assert math.isfinite(entry["stochastic"]) and math.isfinite(entry["nearest"])
+    assert report["rounding_rule"]["tasks"] == 2  # the quick run has two of the three small tasks
     assert rule["scores"] == pytest.approx({name: sum(r) / len(r) for name, r in ranks.items()})
     assert len(report["targets"]) == 5
     assert (tmp_path / "apo_precond_compare.png").stat().st_size > 1000
