@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -117,11 +118,11 @@ class TaskRunner:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a kill: that run is redone
                     continue
-                self.done[row["key"]] = row["result"]
+                spec, *rest = json.loads(row["key"])
+                self.done[_key(spec, *rest)] = row["result"]
 
     def _run_key(self, spec: MethodSpec, seed: int, precision: str) -> str:
-        return json.dumps([spec.to_dict(), seed, precision, self.task.steps, self.task.eval_every, self.task.batch_size],
-                          sort_keys=True)
+        return _key(spec.to_dict(), seed, precision, self.task.steps, self.task.eval_every, self.task.batch_size)
 
     def _run_once(self, spec: MethodSpec, seed: int, precision: str) -> dict:
         key = self._run_key(spec, seed, precision)
@@ -154,6 +155,19 @@ class TaskRunner:
 
     def best(self, names: list[str], precision: str = "fp32") -> str:
         return min(names, key=lambda n: self.results[(n, precision)]["final_mean"])
+
+
+_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MethodSpec)}
+
+
+def _key(spec: dict, *run) -> str:
+    """A run's key: the spec's fields that differ from MethodSpec's defaults, and the run's seed, precision and budget.
+
+    Leaving the defaults out keeps the runs on file valid when MethodSpec gains a field whose default is the old
+    behaviour.
+    """
+    changed = {k: v for k, v in spec.items() if k not in _SPEC_DEFAULTS or v != _SPEC_DEFAULTS[k]}
+    return json.dumps([changed, *run], sort_keys=True)
 
 
 def lr_name(prefix: str, lr: float) -> str:
