@@ -112,6 +112,7 @@ class TaskRunner:
         self.eval_steps = list(dict.fromkeys([0, *range(task.eval_every, task.steps + 1, task.eval_every), task.steps]))
         self.runs_file = runs_file
         self.done: dict[str, dict] = {}
+        self.trained = self.read_back = 0  # runs trained now / taken from runs_file
         if runs_file is not None and runs_file.exists():
             for line in runs_file.read_text().splitlines():
                 try:
@@ -126,7 +127,10 @@ class TaskRunner:
 
     def _run_once(self, spec: MethodSpec, seed: int, precision: str) -> dict:
         key = self._run_key(spec, seed, precision)
-        if key not in self.done:
+        if key in self.done:
+            self.read_back += 1
+        else:
+            self.trained += 1
             self.done[key] = run_once(self.task, self.data, spec, seed, precision)
             if self.runs_file is not None:
                 self.runs_file.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +269,7 @@ def run_task(task: Task, args, bar) -> dict:
         "best_constant_lr": best_const_lr, "selected": selected, "methods": methods_out, "bf16": bf16,
         "bf16_mode": args.bf16_mode, "sweep": sweep,
         "train_examples": data.size, "model_info": data.info,
+        "runs_trained": runner.trained, "runs_read_back": runner.read_back,
     }
 
 
@@ -444,12 +449,21 @@ def recommend_defaults(tasks: dict, overhead: dict | None) -> dict:
     return rec
 
 
+def _read_back_line(results: dict) -> list[str]:
+    read_back = sum(t.get("runs_read_back", 0) for t in results["tasks"].values())
+    if not read_back:
+        return []
+    trained = sum(t.get("runs_trained", 0) for t in results["tasks"].values())
+    return [f"This run trained {trained} runs and read {read_back} back from `quality_runs/`, trained by an earlier "
+            "(killed or superseded) run of the same command; the wall clock above is this run's only."]
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = ["# APO quality", "",
              f"Device: {env['device']}, torch {env['torch']}; wall clock {env['wall_clock_s']} s; load average at start "
              f"{env['load_average_at_start']}, at end {env['load_average_at_end']}.",
-             f"Command: `{env['command']}`", "",
+             f"Command: `{env['command']}`", *_read_back_line(results), "",
              f"Seeds {results['settings']['seeds']}; mean ± std over seeds of the final validation loss. 'steps to "
              "target': first evaluation at which the seed-mean validation loss reaches tuned AdamW's final loss "
              "(the best AdamW run, constant or warmup+cosine); '×' is that over tuned AdamW's own steps to it. "

@@ -118,6 +118,7 @@ def test_quality_resumes_from_its_runs_file(tmp_path, monkeypatch):
     runner = quality.TaskRunner(task, data, [0, 1], None, path)
     again = runner.run(spec)
     assert trained == [] and again["finals"] == first["finals"] and again["mean_curve"] == first["mean_curve"]
+    assert (runner.read_back, runner.trained) == (2, 0)  # what quality.md reports beside its wall clock
     runner.run(spec.with_(name="adamw_3e-03", lr=3e-3))  # another spec, or another budget, is trained
     longer = quality.TaskRunner(dataclasses.replace(task, steps=9), data, [0], None, path)
     longer.run(spec)
