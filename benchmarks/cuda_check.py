@@ -1,5 +1,6 @@
 """CUDA checks that the CPU test suite cannot make: bf16 and fp16 (with a real GradScaler) through the Trainer,
-the fused AdamW kernel under APO-LR, and float32 meta-parameters on the GPU.
+the fused AdamW kernel under APO-LR, float32 meta-parameters on the GPU, and APO-Precond's stochastic rounding of
+bf16 weights with a CUDA generator.
 
     python benchmarks/cuda_check.py --output_dir OUT
 
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments  # noqa: E402
 
-from hf_apo import APOSeq2SeqTrainer, APOSeq2SeqTrainingArguments  # noqa: E402
+from hf_apo import APOPrecond, APOSeq2SeqTrainer, APOSeq2SeqTrainingArguments  # noqa: E402
 from tiny import CopyDataset, tiny_bart, tiny_t5  # noqa: E402
 
 
@@ -80,6 +81,23 @@ def main():
             "factor_dtypes", ["torch.float32"]) == ["torch.float32"]
         if not (result["finite"] and improved and float32 and result["meta_steps"] > 0):
             failures.append(name)
+
+    # bf16 weights (no autocast): APO-Precond rounds its updates stochastically on the GPU's own generator
+    model = tiny_t5(dtype=torch.bfloat16)
+    result = summary(train(APOSeq2SeqTrainer, APOSeq2SeqTrainingArguments, model, apo="precond", optim="sgd",
+                           optim_args="momentum=0.9", learning_rate=0.1, apo_meta_interval=2))
+    results["precond_bf16_weights"] = result
+    if not (result["finite"] and result["losses"][-1] < result["losses"][0] and result["meta_steps"] > 0):
+        failures.append("precond_bf16_weights")
+    weight = torch.nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16, device="cuda"))
+    optimizer = APOPrecond([weight], lr=1e-3, meta_lr=0.0)
+    for _ in range(100):  # 1e-3 per step is below half a bf16 ulp at 1.0: only unbiased rounding accumulates it
+        weight.grad = torch.full_like(weight, -1.0)
+        optimizer.step()
+    results["stochastic_rounding_mean"] = float(weight.float().mean())
+    results["stochastic_rounding_generators"] = sorted(str(d) for d in optimizer._rounding_generators)
+    if abs(results["stochastic_rounding_mean"] - 1.1) > 2e-3 or not results["stochastic_rounding_generators"][0].startswith("cuda"):
+        failures.append("stochastic_rounding")
 
     results["failures"] = failures
     with open(os.path.join(args.output_dir, "cuda_check.json"), "w") as f:
