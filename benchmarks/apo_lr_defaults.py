@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import statistics
 import sys
@@ -59,7 +58,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, environment
+from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, append_run, environment, read_runs
 from benchmarks.tasks import TASKS, run_once
 
 SMALL_TASKS = ("digits_classification", "digits_autoencoder", "teacher_student")
@@ -129,16 +128,7 @@ def runs_file(output_dir: Path, task: str) -> Path:
 
 
 def load_runs(output_dir: Path, task: str) -> list[dict]:
-    path = runs_file(output_dir, task)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: that run is redone
-            continue
-    return rows
+    return read_runs(runs_file(output_dir, task))
 
 
 def run_key(method: str, lr: float, seed: int, steps: int) -> tuple:
@@ -166,10 +156,7 @@ class TaskSweep:
                 result = self._train(spec, apo_args, lr, seed)
                 row = {"task": self.task, "method": method, "lr": lr, "seed": seed, "steps": self.steps,
                        "wall_s": round(time.perf_counter() - started, 2), **result}
-                path = runs_file(self.output_dir, self.task)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with path.open("a") as out:
-                    out.write(json.dumps(row) + "\n")
+                append_run(runs_file(self.output_dir, self.task), row)
                 self.done[key] = row
                 print(f"[{self.task}] {method} lr={lr:.2e} seed={seed}: final {row['final']:.5g} "
                       f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)

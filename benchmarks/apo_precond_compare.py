@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -78,7 +77,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.apo_lr_defaults import ADAMW_GRID, LONG_BUDGETS, load_runs as load_apo_lr_runs, mean_final
-from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, environment
+from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, append_run, environment, read_runs
 from benchmarks.tasks import TASKS, run_once
 
 TASK_NAMES = ("digits_classification", "digits_autoencoder", "teacher_student", "translation", "finetune")
@@ -115,14 +114,7 @@ def runs_file(output_dir: Path, task: str) -> Path:
 
 
 def load_runs(output_dir: Path, task: str) -> list[dict]:
-    path = runs_file(output_dir, task)
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: that run is redone
-            continue
-    return rows
+    return read_runs(runs_file(output_dir, task))
 
 
 def key(method: str, lr: float, seed: int, steps: int, precision: str) -> tuple:
@@ -153,10 +145,7 @@ class Sweep:
                 row = {"task": self.task, "method": method, "lr": spec.lr, "seed": seed, "steps": self.steps,
                        "precision": precision, "wall_s": round(time.perf_counter() - started, 2), **result,
                        "spec": spec.to_dict()}
-                path = runs_file(self.output_dir, self.task)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with path.open("a") as out:
-                    out.write(json.dumps(row) + "\n")
+                append_run(runs_file(self.output_dir, self.task), row)
                 self.done[k] = row
                 print(f"[{self.task}] {method} lr={spec.lr:.2e} seed={seed} {precision}: final {row['final']:.5g} "
                       f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)

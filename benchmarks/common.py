@@ -289,6 +289,25 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def read_runs(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file of finished runs ([] when there is none); a line cut by a kill is skipped, so
+    that run is done again."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_run(path: Path, row: dict) -> None:
+    """Append one finished run to a JSON-lines file as it ends, so a killed benchmark resumes after it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as out:
+        out.write(json.dumps(row) + "\n")
+
+
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")

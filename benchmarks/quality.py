@@ -58,11 +58,13 @@ import torch
 from benchmarks.common import (
     DEFAULT_OUTPUT_DIR,
     MethodSpec,
+    append_run,
     apo_lr_defaults,
     environment,
     finish_environment,
     markdown_table,
     progress,
+    read_runs,
     write_json,
 )
 from benchmarks.tasks import TASKS, Task, TaskData, run_once
@@ -113,14 +115,9 @@ class TaskRunner:
         self.runs_file = runs_file
         self.done: dict[str, dict] = {}
         self.trained = self.read_back = 0  # runs trained now / taken from runs_file
-        if runs_file is not None and runs_file.exists():
-            for line in runs_file.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill: that run is redone
-                    continue
-                spec, *rest = json.loads(row["key"])
-                self.done[_key(spec, *rest)] = row["result"]
+        for row in read_runs(runs_file) if runs_file is not None else []:
+            spec, *rest = json.loads(row["key"])
+            self.done[_key(spec, *rest)] = row["result"]
 
     def _run_key(self, spec: MethodSpec, seed: int, precision: str) -> str:
         return _key(spec.to_dict(), seed, precision, self.task.steps, self.task.eval_every, self.task.batch_size)
@@ -133,9 +130,7 @@ class TaskRunner:
             self.trained += 1
             self.done[key] = run_once(self.task, self.data, spec, seed, precision)
             if self.runs_file is not None:
-                self.runs_file.parent.mkdir(parents=True, exist_ok=True)
-                with self.runs_file.open("a") as out:
-                    out.write(json.dumps({"key": key, "result": self.done[key]}) + "\n")
+                append_run(self.runs_file, {"key": key, "result": self.done[key]})
         return self.done[key]
 
     def run(self, spec: MethodSpec, precision: str = "fp32") -> dict:
