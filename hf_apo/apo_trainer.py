@@ -130,7 +130,7 @@ class APOTrainerMixin:
         if apo is not None:
             apo.observe(inputs)
             if not self._apo_layout_checked:  # an FSDP2 layout APO cannot reduce fails here, before any step
-                shard_group([p for group in apo.param_groups for p in group["params"]])
+                shard_group(apo.all_params())
                 self._apo_layout_checked = True
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -153,7 +153,7 @@ class APOTrainerMixin:
     # -- checkpoints under FSDP2 ---------------------------------------------------------------------------------
     def _apo_sharded(self) -> bool:
         apo = self.apo_optimizer
-        return apo is not None and any(is_sharded(p) for group in apo.param_groups for p in group["params"])
+        return apo is not None and any(is_sharded(p) for p in apo.all_params())
 
     def _apo_optimizer_file(self, directory: str) -> str:
         return os.path.join(directory, f"apo_optimizer_rank{self.args.process_index}.pt")

@@ -285,7 +285,7 @@ class APOLR(MetaLearnedOptimizer):
         follows uses the updated φ. Under the Trainer, ``.grad`` is the reduced, unscaled and clipped gradient.
         """
         (meta_grad, objective), self._pending = self._pending, None
-        # D lists every parameter, group after group (the order of _all_params)
+        # D lists every parameter, group after group (the order of all_params)
         displacements = _split(self._displacement, [len(group["params"]) for group in self.param_groups])
         dots_per_group = torch.zeros_like(meta_grad)
         for index, (group, group_displacement) in enumerate(zip(self.param_groups, displacements)):
@@ -294,7 +294,7 @@ class APOLR(MetaLearnedOptimizer):
             ]
             if dots:
                 dots_per_group[index] = torch.stack(dots).sum()
-        shards = shard_group(self._all_params())
+        shards = shard_group(self.all_params())
         if shards is not None:
             all_reduce_sum(dots_per_group, shards)  # this rank's shards of D and of the (reduced) gradient
         meta_grad = meta_grad + dots_per_group
@@ -305,7 +305,7 @@ class APOLR(MetaLearnedOptimizer):
     def _apply_meta_gradient(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> list[float] | None:
         """Reduce over ranks, guard, an Adam step on φ and the clamp; the change of φ per group (None: skipped)."""
         self.last_meta_gradient = meta_grad.detach().cpu()
-        if not self._reduce_and_check(meta_grad, objective, sharded=shard_group(self._all_params()) is not None):
+        if not self._reduce_and_check(meta_grad, objective, sharded=shard_group(self.all_params()) is not None):
             return None
         previous = self.log_lr.tolist()
         self.log_lr.grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
@@ -329,12 +329,9 @@ class APOLR(MetaLearnedOptimizer):
         }
         return state
 
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     def _local_params(self) -> list[torch.Tensor]:
         """The parameters, or under FSDP2 this rank's shards of them (views, so D follows the steps)."""
-        return [local_tensor(p) for p in self._all_params()]
+        return [local_tensor(p) for p in self.all_params()]
 
     def _pending_state(self) -> dict[str, Any] | None:
         """loss_batch "next": the look-ahead's part of the meta-gradient and D (one copy of the parameters)."""
@@ -350,7 +347,7 @@ class APOLR(MetaLearnedOptimizer):
         self._pending = self._displacement = None
         if state is None:
             return
-        params = self._all_params()
+        params = self.all_params()
         if state["displacement"] is not None:
             self._displacement = [d.to(device=p.device) for d, p in zip(state["displacement"], params)]
         if state["meta_grad"] is not None:

@@ -134,6 +134,10 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         device = next((p.device for g in self.param_groups for p in g["params"]), None)
         return move_batch(batch, device), move_batch(meta_batch, device)
 
+    def all_params(self) -> list[torch.Tensor]:
+        """Every parameter, group after group (under FSDP2 the sharded DTensors that Accelerate put in place)."""
+        return [p for group in self.param_groups for p in group["params"]]
+
     @staticmethod
     def _params_with_grad(group: dict[str, Any]) -> list[torch.Tensor]:
         """The parameters of a group that the step updates (torch optimizers skip those without a gradient)."""

@@ -127,16 +127,13 @@ class APOPrecond(MetaLearnedOptimizer):
         self.stochastic_rounding = stochastic_rounding
         self._rounding_generators: dict[torch.device, torch.Generator] = {}
         vocabulary = {id(p) for p in diagonal_row_params}
-        self._diagonal_rows = [id(p) in vocabulary for p in self._all_params()]
+        self._diagonal_rows = [id(p) in vocabulary for p in self.all_params()]
         self._build_factors()
         self._initialized = True
 
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     def _build_factors(self) -> None:
         """Identity factors for the parameters in ``param_groups`` (in order) and a fresh meta-optimizer."""
-        params = self._all_params()
+        params = self.all_params()
         self.factors = {
             p: KroneckerFactors(p, self.max_factor_dim, diagonal) for p, diagonal in zip(params, self._diagonal_rows)
         }
@@ -152,7 +149,7 @@ class APOPrecond(MetaLearnedOptimizer):
         ``param_groups`` for its sharded DTensor; the factors must then be those of the shards. That is only sound
         while the factors are still the identity, i.e. before the first meta step.
         """
-        params = self._all_params()
+        params = self.all_params()
         if len(params) == len(self.factors) and all(p in self.factors for p in params):
             return
         if self.meta_steps or any(not f.is_identity for f in self.factors.values()):
