@@ -117,8 +117,14 @@ def load_runs(output_dir: Path, task: str) -> list[dict]:
     return read_runs(runs_file(output_dir, task))
 
 
+def lr_key(lr: float) -> float:
+    """A learning rate as a key: rounded to 6 significant digits, so that one read back from a runs file matches the
+    same LR computed again."""
+    return float(f"{lr:.6g}")
+
+
 def key(method: str, lr: float, seed: int, steps: int, precision: str) -> tuple:
-    return method, float(f"{lr:.6g}"), seed, steps, precision
+    return method, lr_key(lr), seed, steps, precision
 
 
 class Sweep:
@@ -189,7 +195,7 @@ def best_adamw_lr(output_dir: Path, task: str, quick: bool) -> float:
     by: dict[float, list[dict]] = {}
     for r in load_apo_lr_runs(output_dir, task):
         if r["method"] == "adamw" and r["steps"] == steps and r["seed"] in SEEDS[task]:
-            by.setdefault(float(f"{r['lr']:.6g}"), []).append(r)
+            by.setdefault(lr_key(r["lr"]), []).append(r)
     missing = [lr for lr in ADAMW_GRID[task] if len(by.get(lr, [])) < len(SEEDS[task])]
     if missing:
         raise SystemExit(f"{task}: AdamW runs at {missing} are missing; run apo_lr_defaults.py run --grid_only first.")

@@ -14,7 +14,7 @@ from pathlib import Path
 from benchmarks.apo_lr_defaults import LONG_BUDGETS, load_runs as load_apo_lr_runs, mean_final
 from benchmarks.apo_precond_compare import (
     CANDIDATES, PEER_SEEDS, PEERS, PRECISION_CANDIDATES, PRECISION_METHODS, PRECISIONS, ROUNDING_SEEDS, RULE_TASKS, SEEDS, SGDM_GRID, SMALL, TASK_NAMES, TIE,
-    best_adamw_lr, load_runs,
+    best_adamw_lr, load_runs, lr_key,
 )
 from benchmarks.common import markdown_table, write_json
 
@@ -24,7 +24,7 @@ QUICK_STEPS = 30
 def _group(rows: list[dict]) -> dict[tuple[str, float, str], list[dict]]:
     by: dict[tuple[str, float, str], list[dict]] = {}
     for r in rows:
-        by.setdefault((r["method"], float(f"{r['lr']:.6g}"), r["precision"]), []).append(r)
+        by.setdefault((r["method"], lr_key(r["lr"]), r["precision"]), []).append(r)
     return by
 
 
@@ -95,7 +95,7 @@ def summarize_task(output_dir: Path, task: str, quick: bool) -> dict | None:
         else:
             adamw_rows = [r for r in load_apo_lr_runs(output_dir, task)
                           if r["method"] == "adamw" and r["steps"] == steps and r["seed"] in SEEDS[task]
-                          and float(f"{r['lr']:.6g}") == adamw_lr]
+                          and lr_key(r["lr"]) == adamw_lr]
             add("adamw", adamw_rows, adamw_lr)
         for peer in PEERS:
             add(peer, by.get((peer, adamw_lr, "fp32"), []), adamw_lr)
@@ -125,17 +125,17 @@ def summarize_task(output_dir: Path, task: str, quick: bool) -> dict | None:
             fp32 = [r for r in methods.get(name, {}).get("rows", []) if r["seed"] == 0]
             entry = {"fp32": fp32[0]["final"] if fp32 else math.nan}
             for p in PRECISIONS:
-                rows = [r for r in by.get((method, float(f"{lr:.6g}"), p), []) if r["seed"] == 0]
+                rows = [r for r in by.get((method, lr_key(lr), p), []) if r["seed"] == 0]
                 entry[p] = rows[0]["final"] if rows else math.nan
                 entry[f"{p}_change"] = entry[p] / entry["fp32"] - 1 if rows and fp32 else math.nan
             precision[method] = entry
     rounding = {}
     if task in SMALL:
         for name in PRECISION_CANDIDATES:
-            fp32 = {r["seed"]: r["final"] for r in by.get((name, float(f"{base_lr:.6g}"), "fp32"), [])}
+            fp32 = {r["seed"]: r["final"] for r in by.get((name, lr_key(base_lr), "fp32"), [])}
             entry = {}
             for mode, method in (("stochastic", name), ("nearest", f"{name}_nearest")):
-                rows = [r for r in by.get((method, float(f"{base_lr:.6g}"), "bf16_weights"), []) if r["seed"] in fp32]
+                rows = [r for r in by.get((method, lr_key(base_lr), "bf16_weights"), []) if r["seed"] in fp32]
                 changes = [r["final"] / fp32[r["seed"]] - 1 for r in rows]
                 entry[mode] = statistics.fmean(changes) if changes else math.nan
                 entry[f"{mode}_seeds"] = len(changes)
@@ -236,7 +236,7 @@ def _plot(tasks: dict[str, dict], output_dir: Path, quick: bool) -> str | None:
             if name not in summary["methods"]:
                 continue
             method = "sgdm" if name.startswith("sgdm") else name
-            rows = by.get((method, float(f"{summary['methods'][name]['lr']:.6g}"), "fp32"), [])
+            rows = by.get((method, lr_key(summary["methods"][name]["lr"]), "fp32"), [])
             losses = _mean_curve(rows, "losses")
             if not rows or losses is None:
                 continue
