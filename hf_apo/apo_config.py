@@ -15,7 +15,10 @@ from transformers.training_args import OptimizerNames
 APO_MODES = ("none", "lr", "precond")
 # --optim values whose torch optimizer APO-LR can wrap (its step must be linear in the learning rate).
 APO_LR_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "rmsprop")
+# --optim values APO-Precond preconditions: AdamW's direction m̂/(√v̂ + ε), or SGD's gradient before its momentum.
+APO_PRECOND_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")
 APO_LOSS_BATCHES = ("same", "next")
+APO_LR_META_OPTIMIZERS = ("adam", "rprop")
 # The defaults of the flags left unset: per mode and, for APO-LR, per loss batch, so that `--apo_loss_batch same`
 # alone gives the paper's objective with its settings. Evidence: benchmarks/results/apo_lr_defaults.md (APO-LR) and
 # benchmarks/results/apo_precond_compare.md (APO-Precond).
@@ -25,10 +28,14 @@ DEEPSPEED_REFUSAL = (
     "one GPU, use FSDP2 instead: --fsdp full_shard --fsdp_config '{\"version\": 2}'. Or drop --deepspeed, or use "
     "--apo none."
 )
+_LR_META_STEP = {"apo_meta_optimizer": "adam", "apo_adaptive_interval": False}
 APO_DEFAULTS = {
-    ("lr", "next"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 10_000.0},
-    ("lr", "same"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0},
-    ("precond", "same"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0},
+    ("lr", "next"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 10_000.0,
+                     **_LR_META_STEP},
+    ("lr", "same"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0,
+                     **_LR_META_STEP},
+    ("precond", "same"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0,
+                          "apo_meta_optimizer": "adam", "apo_adaptive_interval": False},
 }
 
 
@@ -69,7 +76,7 @@ class APOArgumentsMixin:
         metadata={
             "help": "Amortized Proximal Optimization: 'none' (the parent Trainer, unchanged), 'lr' (meta-learn the "
             "learning rate of --optim: adamw_torch, adamw_torch_fused, sgd or rmsprop) or 'precond' (meta-learn a "
-            "per-layer Kronecker preconditioner over --optim sgd).",
+            "per-layer Kronecker preconditioner of --optim's direction: adamw_torch, adamw_torch_fused or sgd).",
             "choices": list(APO_MODES),
         },
     )
@@ -118,6 +125,31 @@ class APOArgumentsMixin:
             "(discount 1 - 1/horizon) instead of the next one only; 1 is the greedy one-step objective, whose "
             "learned LR decays too early in long runs. >= 1. Default: 10000 for --apo lr with --apo_loss_batch next, "
             "else 1."
+        },
+    )
+    apo_meta_optimizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "--apo lr: the meta step on the log learning rate. 'adam' (it moves about --apo_meta_lr per meta "
+            "step) or 'rprop' (sign-agreement step sizes: the step starts at --apo_meta_lr, grows x1.2 while the "
+            "meta-gradient keeps its sign and halves when it flips, within [1e-3, 1]). Default: adam.",
+            "choices": list(APO_LR_META_OPTIMIZERS),
+        },
+    )
+    apo_adaptive_interval: bool | None = field(
+        default=None,
+        metadata={
+            "help": "--apo lr: 'true' runs a meta step at every step while the learning rate keeps moving one way "
+            "(from step 1), every --apo_meta_interval steps after the meta-gradient flips sign. Default: false."
+        },
+    )
+    apo_label_shift: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the KL term finds each label's logits: 'auto' (1 for a causal LM, whose logits at t predict "
+            "the label at t + 1, seen through PEFT and other wrappers; 0 for encoder-decoders and classifiers), or "
+            "'0' / '1' to say it for a model 'auto' does not recognise.",
+            "choices": ["auto", "0", "1"],
         },
     )
     apo_meta_batch_fraction: float = field(
@@ -216,12 +248,25 @@ class APOArgumentsMixin:
                 "--apo_loss_batch next is supported by --apo lr only; --apo precond scores the loss on the same batch. "
                 "Drop --apo_loss_batch or pass --apo_loss_batch same."
             )
+        if self.apo_meta_optimizer is not None and self.apo_meta_optimizer not in APO_LR_META_OPTIMIZERS:
+            raise ValueError(
+                f"--apo_meta_optimizer must be one of {', '.join(APO_LR_META_OPTIMIZERS)}; got "
+                f"{self.apo_meta_optimizer!r}."
+            )
+        if self.apo == "precond" and (self.apo_meta_optimizer not in (None, "adam") or self.apo_adaptive_interval):
+            raise ValueError(
+                "--apo_meta_optimizer rprop and --apo_adaptive_interval are --apo lr's (a learning rate's meta step); "
+                "--apo precond's factors take their own Adam step every --apo_meta_interval steps. Drop them."
+            )
         if self.apo_horizon is not None and not self.apo_horizon >= 1:
             raise ValueError(f"--apo_horizon must be >= 1 (optimizer steps); got {self.apo_horizon!r}.")
         if (self.apo_horizon or 1) > 1 and self.apo_setting("apo_loss_batch") != "next":
             raise ValueError(
                 "--apo_horizon > 1 weighs future losses read from future gradients: it needs --apo_loss_batch next."
             )
+        if str(self.apo_label_shift) not in ("auto", "0", "1"):
+            raise ValueError(f"--apo_label_shift must be auto, 0 or 1; got {self.apo_label_shift!r}.")
+        self.apo_label_shift = str(self.apo_label_shift)
         if not 0 < self.apo_meta_batch_fraction <= 1:
             raise ValueError(f"--apo_meta_batch_fraction must be in (0, 1]; got {self.apo_meta_batch_fraction!r}.")
         if not self.apo_lr_clamp > 0:
@@ -241,10 +286,16 @@ class APOArgumentsMixin:
                 f"--apo lr wraps a torch optimizer whose step is linear in the learning rate; --optim {optim} is not "
                 f"supported. Use --optim one of: {', '.join(APO_LR_OPTIMS)}."
             )
-        if self.apo == "precond" and optim != "sgd":
+        if self.apo == "precond" and optim not in APO_PRECOND_OPTIMS:
             raise ValueError(
-                f"--apo precond preconditions SGD, but --optim is {optim}. Pass --optim sgd (add --optim_args "
-                "'momentum=0.9' for momentum; none is added for you)."
+                f"--apo precond preconditions AdamW's or SGD's direction, but --optim is {optim}. Pass --optim one of: "
+                f"{', '.join(APO_PRECOND_OPTIMS)} (for SGD add --optim_args 'momentum=0.9' for momentum; none is added "
+                "for you)."
+            )
+        if self.apo == "precond" and optim != "sgd" and self.apo_lookahead_steps > 1:
+            raise ValueError(
+                f"--apo_lookahead_steps > 1 follows SGD's momentum buffer; --apo precond over --optim {optim} takes "
+                "the one-step look-ahead. Drop --apo_lookahead_steps (or use --optim sgd)."
             )
         if self.deepspeed:
             raise ValueError(DEEPSPEED_REFUSAL)

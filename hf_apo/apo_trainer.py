@@ -3,7 +3,8 @@
 Where APO hooks into the training loop:
 
 * ``create_optimizer`` lets the parent build the optimizer that ``--optim`` names, with its weight-decay parameter
-  groups and ``learning_rate``, then wraps it (APO-LR) or rebuilds it as APO-Precond over the same SGD groups.
+  groups and ``learning_rate``, then wraps it (APO-LR) or rebuilds it as APO-Precond over the same AdamW or SGD
+  groups and hyperparameters.
   It runs on the unwrapped model before ``accelerator.prepare``; the look-ahead later calls that unwrapped model,
   so DDP reduces nothing of it (the optimizer all-reduces its small meta-gradient) while the mixed-precision
   autocast that Accelerate puts on ``model.forward`` applies to it.
@@ -42,6 +43,31 @@ def unwrap_apo_optimizer(optimizer: Any) -> MetaLearnedOptimizer | None:
     while optimizer is not None and not isinstance(optimizer, MetaLearnedOptimizer):
         optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
+
+
+def base_model_of(model):
+    """The transformers model inside PEFT (``get_base_model``), ``torch.compile`` (``_orig_mod``) and DDP/FSDP
+    (``module``) wrappers."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+        else:
+            inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None or inner is model:
+            return model
+        model = inner
+
+
+def label_shift_of(model) -> int:
+    """1 for a causal LM (its logits at position t predict the label at t + 1: the Trainer's labels are the inputs),
+    0 otherwise, decided on the model under any PEFT / compile / DDP wrapper: an encoder-decoder config is 0; a
+    class of transformers' causal-LM mapping, or a remote-code class named ``*ForCausalLM`` / ``*LMHeadModel``, is 1."""
+    base = base_model_of(model)
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return 0
+    name = type(base).__name__
+    causal = name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or name.endswith(("ForCausalLM", "LMHeadModel"))
+    return 1 if causal else 0
 
 
 def vocabulary_weights(model) -> list:
@@ -93,7 +119,7 @@ class APOTrainerMixin:
             lambda_wsd=args.apo_lambda_wsd,
             loss_batch=args.apo_setting("apo_loss_batch"),
             horizon=args.apo_setting("apo_horizon"),
-            label_shift=1 if opt_model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else 0,
+            label_shift=label_shift_of(opt_model) if args.apo_label_shift == "auto" else int(args.apo_label_shift),
         )
         meta = dict(
             meta_interval=args.apo_setting("apo_meta_interval"),
@@ -101,9 +127,14 @@ class APOTrainerMixin:
             meta_batch_fraction=args.apo_meta_batch_fraction,
         )
         if args.apo == "lr":
-            self.optimizer = APOLR(base, objective, log_lr_range=(-args.apo_lr_clamp, args.apo_lr_clamp), **meta)
+            self.optimizer = APOLR(
+                base, objective, log_lr_range=(-args.apo_lr_clamp, args.apo_lr_clamp),
+                meta_optimizer=args.apo_setting("apo_meta_optimizer"),
+                adaptive_interval=args.apo_setting("apo_adaptive_interval"), **meta,
+            )
         else:
-            self.optimizer = APOPrecond.from_sgd(
+            build = APOPrecond.from_adamw if isinstance(base, torch.optim.AdamW) else APOPrecond.from_sgd
+            self.optimizer = build(
                 base,
                 objective,
                 max_factor_dim=args.apo_max_factor_dim,
@@ -203,4 +234,4 @@ class APOSeq2SeqTrainer(APOTrainerMixin, Seq2SeqTrainer):
     """
 
 
-__all__ = ["APOTrainer", "APOSeq2SeqTrainer", "unwrap_apo_optimizer"]
+__all__ = ["APOTrainer", "APOSeq2SeqTrainer", "label_shift_of", "unwrap_apo_optimizer"]

@@ -35,6 +35,22 @@ steps, each step's effect on the later iterates taken as persistent, which remov
 bias towards too small a learning rate in long runs. With λ_FSD = λ_WSD = 0 a meta step is dot products: no forward,
 no backward, no observed batch.
 
+The meta step on φ (``meta_optimizer``). ``"adam"``: Adam at ``meta_lr``, so φ moves about ``meta_lr`` per meta step
+whatever the meta-gradient's size, and a c× correction of the LR takes ln(c)/meta_lr meta steps. ``"rprop"``:
+sign-agreement step sizes (``torch.optim.Rprop``, iRprop−): φ moves by a step s against the meta-gradient's sign;
+s starts at ``meta_lr``, grows ×1.2 while the sign holds and halves (without a move) when it flips, within
+[1e-3, 1]. A 100× correction then takes about 13 agreeing meta steps instead of 46, and near the right LR the
+flips shrink s, so φ settles instead of drifting.
+
+Cadence (``adaptive_interval``). Off: a meta step every ``meta_interval`` (K) steps. On: the first meta step is at
+step 1, and the next one follows at once (the next step) while φ keeps moving one way (some group's meta-gradient
+has the sign it had at the previous meta step), K steps later after a flip. With the next-batch objective and λ 0
+a meta step is dot products, so moving fast costs nothing.
+
+Warm-up. While the scheduled learning rate rises, the meta step only lowers φ: a meta-gradient measured during a
+warm-up says "larger" (the scheduled LR is below where it is going) and would undo the warm-up, but a too-large LR
+must still come down before the warm-up ends.
+
 With meta-learning off (``meta_lr = 0``) ``step()`` is the wrapped optimizer's step, bit for bit, and its
 foreach/fused kernels are used.
 
@@ -55,6 +71,10 @@ import torch
 
 from .meta import MetaLearnedOptimizer, all_reduce_sum, shard_group
 from .objective import ProximalObjective, local_tensor
+
+META_OPTIMIZERS = ("adam", "rprop")
+RPROP_ETAS = (0.5, 1.2)  # φ's step halves when the meta-gradient flips sign and grows ×1.2 while it keeps it
+RPROP_STEP_SIZES = (1e-3, 1.0)  # at most a factor e on the LR per meta step; at least 0.1% (never frozen)
 
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -77,7 +97,9 @@ class APOLR(MetaLearnedOptimizer):
             takes ln(c) / meta_lr meta steps. 0 turns meta-learning off.
         meta_batch_fraction: the meta batch B′ is this fraction of the previously observed batch.
         log_lr_range: clamp of φ = log(multiplier).
-        meta_betas: Adam betas of the meta-optimizer.
+        meta_betas: Adam betas of the meta-optimizer (``meta_optimizer="adam"``).
+        meta_optimizer: ``"adam"`` or ``"rprop"`` (sign-agreement step sizes on φ; ``meta_lr`` is the first step).
+        adaptive_interval: meta steps every step while φ keeps moving one way, every ``meta_interval`` after a flip.
         **base_kwargs: forwarded to the base optimizer (``lr``, ``weight_decay``, ``momentum``, ...).
 
     Usage::
@@ -102,6 +124,8 @@ class APOLR(MetaLearnedOptimizer):
         meta_batch_fraction: float = 0.25,
         log_lr_range: tuple[float, float] = (-10.0, 10.0),
         meta_betas: tuple[float, float] = (0.9, 0.999),
+        meta_optimizer: str = "adam",
+        adaptive_interval: bool = False,
         **base_kwargs: Any,
     ):
         if isinstance(params_or_optimizer, torch.optim.Optimizer):
@@ -117,6 +141,8 @@ class APOLR(MetaLearnedOptimizer):
                 f"APO-LR wraps torch.optim.SGD, RMSprop, Adam or AdamW, whose step is linear in the learning rate; "
                 f"got {type(base_optimizer).__name__}."
             )
+        if meta_optimizer not in META_OPTIMIZERS:
+            raise ValueError(f"meta_optimizer must be one of {', '.join(META_OPTIMIZERS)}, got {meta_optimizer!r}.")
         low, high = (float(x) for x in log_lr_range)
         if not low <= 0 <= high:
             raise ValueError(f"log_lr_range must satisfy low <= 0 <= high, got {log_lr_range!r}.")
@@ -127,12 +153,16 @@ class APOLR(MetaLearnedOptimizer):
         self._init_meta(objective, meta_interval, meta_lr, meta_batch_fraction, meta_betas)
         self.log_lr_range = (low, high)
         self.log_lr = torch.zeros(len(self.param_groups), dtype=torch.float32)
-        self.meta_optimizer = torch.optim.Adam([self.log_lr], lr=self.meta_lr or 1.0, betas=self.meta_betas)
+        self.meta_optimizer_kind = meta_optimizer
+        self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.log_lr, self.meta_lr, self.meta_betas)
+        self.adaptive_interval = bool(adaptive_interval)
         self._multipliers = [1.0] * len(self.param_groups)
+        self._cadence = _Cadence()
         # loss_batch "next": the look-ahead's part of ∂Q/∂φ per group and its value, awaiting the next gradient
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._displacement: list[torch.Tensor] | None = None  # loss_batch "next": D, the discounted sum of steps
         self._previous_scheduled_lrs: list[float] | None = None  # group["lr"] at the previous step(): warm-up?
+        self._warming_up = False  # the scheduled LR rose at this step: the meta step only lowers φ
         self._initialized = True
 
     @property
@@ -151,26 +181,35 @@ class APOLR(MetaLearnedOptimizer):
             for group, lr in zip(self.param_groups, scheduled):
                 group["lr"] = lr
 
-    def _meta_step_due(self) -> bool:
-        """As the base class says, except while the scheduled learning rate rises (a warm-up).
+    def _meta_step_scheduled(self) -> bool:
+        if not self.adaptive_interval:
+            return super()._meta_step_scheduled()
+        return self._pending is None and self.step_count >= self._cadence.next_meta_step
+
+    def _scheduled_lr_rises(self) -> bool:
+        """Whether the scheduler raised group["lr"] since the previous step (a warm-up); remembers this step's LRs.
 
         A warm-up is the user's statement that the first steps must be small; a meta-gradient measured during it
-        says "larger" at every meta step (the scheduled LR is below where it is going) and would undo it. Measured
-        on the translation example (warm-up 50 steps, lr 2e-3): without this, the multiplier reached 1.9 by step 75
-        and the model stalled on a plateau (eval loss 0.78 against 0.003).
+        says "larger" at every meta step and would undo it. Measured on the translation example (warm-up 50 steps,
+        lr 2e-3): with increases allowed, the multiplier reached 1.9 by step 75 and the model stalled on a plateau
+        (eval loss 0.78 against 0.003). Decreases stay allowed: a too-large LR must come down during the warm-up.
         """
         scheduled = [group["lr"] for group in self.param_groups]
         if self._previous_scheduled_lrs is None:
             # torch schedulers keep group["initial_lr"]: a schedule that starts below it starts with a warm-up
-            warming_up = any(group["lr"] < group.get("initial_lr", group["lr"]) for group in self.param_groups)
+            rises = any(group["lr"] < group.get("initial_lr", group["lr"]) for group in self.param_groups)
         else:
-            warming_up = any(now > before for now, before in zip(scheduled, self._previous_scheduled_lrs))
+            rises = any(now > before for now, before in zip(scheduled, self._previous_scheduled_lrs))
         self._previous_scheduled_lrs = scheduled
-        return super()._meta_step_due() and not warming_up
+        return rises
 
-    def _update(self, meta_step_due: bool) -> None:
+    def _update(self) -> None:
+        self._warming_up = self._scheduled_lr_rises()
         if self._pending is not None:
             self._finish_delayed_meta_step()  # loss_batch "next": .grad now holds ∇L_{B_t+1}(θ_t+1)
+        meta_step_due = self._meta_step_due()  # after the delayed meta step, whose sign may make it due now
+        if meta_step_due:
+            self._cadence.lookahead_step = self.step_count
         track = self._tracks_displacement(meta_step_due)
         if track:
             self._displacement_before_step()
@@ -303,17 +342,27 @@ class APOLR(MetaLearnedOptimizer):
         self._apply_meta_gradient(meta_grad, objective)
 
     def _apply_meta_gradient(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> list[float] | None:
-        """Reduce over ranks, guard, an Adam step on φ and the clamp; the change of φ per group (None: skipped)."""
+        """Reduce over ranks, guard, a meta step on φ and the clamp; the change of φ per group (None: skipped).
+
+        During a warm-up only the parts of the meta-gradient that lower φ (positive ones) are applied, and φ does not
+        rise. Then the cadence: the next look-ahead follows at once while φ keeps moving one way."""
         self.last_meta_gradient = meta_grad.detach().cpu()
         if not self._reduce_and_check(meta_grad, objective, sharded=shard_group(self.all_params()) is not None):
+            self._cadence.schedule(moving=False, interval=self.meta_interval)
             return None
-        previous = self.log_lr.tolist()
-        self.log_lr.grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
+        grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
+        if self._warming_up:
+            grad = grad.clamp(min=0.0)  # a negative meta-gradient raises the LR: held while the schedule warms up
+        previous = self.log_lr.clone()
+        self.log_lr.grad = grad
         self.meta_optimizer.step()
         self.log_lr.grad = None
+        if self._warming_up:
+            torch.minimum(self.log_lr, previous, out=self.log_lr)
         self.log_lr.clamp_(*self.log_lr_range)
         self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
-        return [new - old for new, old in zip(self.log_lr.tolist(), previous)]
+        self._cadence.record(torch.sign(grad).tolist(), interval=self.meta_interval)
+        return (self.log_lr - previous).tolist()
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -324,8 +373,10 @@ class APOLR(MetaLearnedOptimizer):
             **self._meta_state(),
             "log_lr": self.log_lr.clone(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
+            "meta_optimizer_kind": self.meta_optimizer_kind,
             "pending": self._pending_state(),
             "previous_scheduled_lrs": self._previous_scheduled_lrs,
+            "cadence": self._cadence.state_dict(),
         }
         return state
 
@@ -362,6 +413,13 @@ class APOLR(MetaLearnedOptimizer):
         self.state = self.base_optimizer.state
         if apo is None:
             return
+        saved_kind = apo.get("meta_optimizer_kind", "adam")
+        if saved_kind != self.meta_optimizer_kind:
+            raise ValueError(
+                f"This checkpoint's APO-LR meta-optimizer is {saved_kind!r}, this run's is "
+                f"{self.meta_optimizer_kind!r}: resume with --apo_meta_optimizer {saved_kind} (APOLR(meta_optimizer="
+                f"{saved_kind!r})), or start a new run to change it."
+            )
         self._load_meta_state(apo)
         # φ lives on the CPU in float32 whatever device the checkpoint was mapped to.
         self.log_lr.copy_(apo["log_lr"].to(device="cpu", dtype=torch.float32))
@@ -369,6 +427,7 @@ class APOLR(MetaLearnedOptimizer):
         self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
         self._load_pending_state(apo.get("pending"))
         self._previous_scheduled_lrs = apo.get("previous_scheduled_lrs")
+        self._cadence = _Cadence.from_state_dict(apo.get("cadence"))
 
     def metrics(self) -> dict[str, float]:
         metrics = super().metrics()
@@ -390,6 +449,46 @@ class _Lookahead:
     deltas: list[torch.Tensor]  # Δ per parameter (empty when no term evaluated at θ′ needs it)
     meta_grad: torch.Tensor  # ⟨Δ, v⟩ + λ_WSD‖Δ‖² per group, v the look-ahead gradient of the terms evaluated
     objective: torch.Tensor  # the value of those terms
+
+
+def build_meta_optimizer(kind: str, log_lr: torch.Tensor, meta_lr: float, betas) -> torch.optim.Optimizer:
+    """The optimizer of φ: Adam (steps of about ``meta_lr``) or Rprop (first step ``meta_lr``, sign-agreement sizes)."""
+    lr = meta_lr or 1.0  # meta_lr 0: never stepped
+    if kind == "adam":
+        return torch.optim.Adam([log_lr], lr=lr, betas=betas)
+    return torch.optim.Rprop([log_lr], lr=lr, etas=RPROP_ETAS, step_sizes=RPROP_STEP_SIZES)
+
+
+def keeps_moving(signs: list[float], previous_signs: list[float] | None) -> bool:
+    """Whether φ keeps moving one way: some group's meta-gradient has the (non-zero) sign it had the previous time.
+    The first meta step counts as moving."""
+    if previous_signs is None:
+        return True
+    return any(s != 0 and s == p for s, p in zip(signs, previous_signs))
+
+
+@dataclass
+class _Cadence:
+    """``adaptive_interval``: when the next look-ahead is due, from the signs of the meta-gradients."""
+
+    next_meta_step: int = 1  # the first look-ahead at step 1
+    lookahead_step: int = 0  # the step of the latest look-ahead (with loss_batch "next", applied one step later)
+    previous_signs: list[float] | None = None
+
+    def schedule(self, moving: bool, interval: int) -> None:
+        self.next_meta_step = self.lookahead_step + (1 if moving else interval)
+
+    def record(self, signs: list[float], interval: int) -> None:
+        self.schedule(keeps_moving(signs, self.previous_signs), interval)
+        self.previous_signs = signs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_meta_step": self.next_meta_step, "lookahead_step": self.lookahead_step,
+                "previous_signs": self.previous_signs}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any] | None) -> _Cadence:
+        return cls(**state) if state else cls()
 
 
 def _float_zeros_like(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -144,12 +144,17 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         return [p for p in group["params"] if p.grad is not None]
 
     def _meta_step_due(self) -> bool:
+        """Whether this step runs a meta step (a predicate: it changes nothing)."""
         return (
             self.meta_lr > 0
             and self.objective is not None
             and (self._current_batch is not None or not self.objective.needs_batches)
-            and self.step_count % self.meta_interval == 0
+            and self._meta_step_scheduled()
         )
+
+    def _meta_step_scheduled(self) -> bool:
+        """The cadence: every ``meta_interval``-th step."""
+        return self.step_count % self.meta_interval == 0
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -159,10 +164,11 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.step_count += 1
-        self._update(self._meta_step_due())
+        self._update()
         return loss
 
-    def _update(self, meta_step_due: bool) -> None:
+    def _update(self) -> None:
+        """The step itself: the subclass decides with :meth:`_meta_step_due` whether a meta step comes first."""
         raise NotImplementedError
 
     # -- guard and reduction ------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""APO-Precond: meta-learn a per-layer Kronecker preconditioner over SGD (with the momentum the user asked for).
+"""APO-Precond: meta-learn a per-layer Kronecker preconditioner over SGD (with the momentum the user asked for) or
+over AdamW (``base="adamw"``, the Trainer's default optimizer).
 
-The update of parameter θ with gradient g, per group (lr η, momentum μ, dampening τ, weight decay ω):
+SGD (``base="sgd"``, the default). The update of parameter θ with gradient g, per group (lr η, momentum μ,
+dampening τ, weight decay ω):
 
     d = P_φ(g) + ω · θ                               # weight decay outside P: P never rescales the decay
     b = μ · b + (1 − τ) · d   (b = d on the first step)
@@ -31,17 +33,54 @@ whole rows, so the input side R stays dense where it would be; the row side L is
 the weights whose row side would be dense (rows ≤ columns and ≤ ``max_factor_dim``); with ``diagonal_row_params``
 naming every matrix, the unsharded optimizer has the same factors, which is how the tests compare the two. v arrives
 reduce-scattered (the mean over ranks); the VJP's sums over rows (R's gradient, a scale's) and ‖Δ‖² are summed over
-the ranks; L's entries stay with their rows.
+the ranks; L's entries stay with their rows. Over AdamW the moments, like SGD's momentum buffers, are this rank's
+shards (local tensors): FSDP2 equals DDP and one process to 2e-7 and resumes bitwise (tests/test_precond_adamw.py).
+
+AdamW (``base="adamw"``). Per group (lr η, betas β₁ β₂, eps ε, weight decay ω), with torch.optim.AdamW's moments of
+the raw gradient g (step t, starting at 1):
+
+    m ← β₁·m + (1 − β₁)·g,   v ← β₂·v + (1 − β₂)·g²,   u = m̂ / (√v̂ + ε),   m̂ = m/(1 − β₁ᵗ),  v̂ = v/(1 − β₂ᵗ)
+    θ ← θ·(1 − η·ω) − η · P_φ(u)                     # decoupled weight decay outside P, as torch.optim.AdamW
+
+P is linear, so the step is computed as torch does: θ·(1 − ηω) + (−η/(1 − β₁ᵗ)) · P(m / denom) with
+denom = √v / √(1 − β₂ᵗ) + ε; the moments, denom and step size come from the same ops in the same order as
+torch.optim.AdamW's single-tensor step. Exactness:
+
+* identity factors (meta_lr = 0, or before the first meta step): the step *is* torch's, ``θ.mul_(1 − ηω)`` then
+  ``θ.addcdiv_(m, denom, value=−η/(1 − β₁ᵗ))``: bitwise equal to ``torch.optim.AdamW(foreach=False)``, which is its
+  default on CPU (tests/test_precond_adamw.py, 50 steps, two groups with weight decay, float32 and bf16 without
+  stochastic rounding); also bitwise equal to ``foreach=True`` on CPU (tested). Against ``fused=True`` (CPU: it differs
+  from torch's own single-tensor step by up to 1.2e-7 relative in the same test) and the CUDA kernels of
+  ``foreach``/``fused`` (torch's CUDA defaults), equality is only up to their rounding (untested on CUDA).
+* learned factors: θ.add_(P(m / denom), alpha=−η/(1 − β₁ᵗ)), i.e. the quotient is rounded before it is scaled, where
+  ``addcdiv`` scales first. Factors that are exactly I but taken through this path differ from torch.optim.AdamW by
+  that rounding only: measured at most 1.5e-7 relative (max |Δθ| / max |θ| per tensor, 50 float32 steps; the test
+  allows 1e-6), the size of torch's own fused-vs-single-tensor difference.
+
+The moments are AdamW's, in the parameter's dtype, in the state dict under torch's keys (``step``, a float32 scalar
+tensor as torch keeps it, float64 under a float64 default dtype; ``exp_avg``, ``exp_avg_sq``), so a torch.optim.AdamW state loads (meta off: the run continues bitwise) and a
+resume is bitwise. ``amsgrad`` and ``maximize`` are refused.
+
+Meta-gradient (AdamW). u does not depend on φ, and θ′ = θ + Δ(φ) depends on φ only through P_φ(u) with
+∂Δ/∂P(u) = −η, so with the cotangent ∇_{θ′}Q = v + λ_WSD · Δ:
+
+    ∇_φ Q = VJP of φ ↦ P_φ(m / denom) with cotangent −η/(1 − β₁ᵗ) · (v + λ_WSD · Δ)     (the same VJP as for SGD).
+
+The look-ahead computes this step's moments (t + 1) without writing them: the real step, after the meta step, writes
+them. ``lookahead_steps`` follows SGD's momentum buffer and is refused above 1 for AdamW.
 
 The look-ahead writes θ′ into the parameters in place and restores θ from a copy afterwards (one extra copy of the
-parameters, on meta steps only); the momentum buffers are not touched by it.
+parameters, on meta steps only); the momentum buffers and Adam moments are not touched by it.
 
 bf16 parameters. Rounding θ − η·d to the nearest bf16 drops every update smaller than half a bf16 ulp of its entry
 (2⁻⁹ relative): on the translation benchmark at lr 0.1, 55–79% of the entries did not move in a step. With
 ``stochastic_rounding`` (the default) a bf16 parameter's update is added in float32 and rounded up or down at random
 with the probabilities that make the rounding unbiased, so small updates accumulate in expectation, at no memory
 cost. The draws come from the optimizer's own generator (seeded, saved in the state dict), so every data-parallel
-rank rounds alike and a resumed run continues the same stream.
+rank rounds alike and a resumed run continues the same stream. With AdamW, the moments stay bf16 (as torch keeps
+them), the quotient m / denom is formed in float32, and the decay and the update are applied in float32 to the
+float32 copy of θ, then rounded once: θ ← SR(θ·(1 − ηω) − η/(1 − β₁ᵗ) · P(m / denom)) (a bf16 ``θ.mul_(1 − ηω)`` alone
+would drop a decay of ηω below 2⁻⁹ altogether). Without stochastic rounding bf16 follows torch.optim.AdamW bitwise.
 """
 
 from __future__ import annotations
@@ -56,15 +95,24 @@ from .meta import MetaLearnedOptimizer, all_reduce_sum, shard_group
 from .objective import ProximalObjective, local_tensor
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+BASES = ("sgd", "adamw")
 
 
 class APOPrecond(MetaLearnedOptimizer):
-    """Preconditioner APO around SGD.
+    """Preconditioner APO around SGD or AdamW.
 
     Args:
         params: parameters or parameter groups (tied weights appear once, as in ``named_parameters()``).
         objective: the proximal meta-objective; required when ``meta_lr > 0``.
-        lr, momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
+        base: ``"sgd"`` (the default: P(g) through SGD's momentum) or ``"adamw"`` (P applied to AdamW's m̂/(√v̂+ε),
+            decoupled weight decay outside P); see the module docstring. :meth:`from_sgd` and :meth:`from_adamw`
+            take the hyperparameters of an existing torch optimizer.
+        lr, weight_decay: the learning rate and weight decay of either base. The defaults (1e-2, 0) are the same for
+            both bases, not torch.optim.AdamW's (1e-3, 1e-2): pass AdamW's explicitly, or use :meth:`from_adamw`.
+        momentum, dampening, nesterov: as in ``torch.optim.SGD`` (``base="sgd"`` only).
+        betas, eps: as in ``torch.optim.AdamW`` (``base="adamw"`` only; default (0.9, 0.999) and 1e-8).
+        amsgrad: not supported (True is refused); accepted so that the error says so.
         meta_interval: a meta step every this many optimizer steps.
         meta_lr: learning rate of the meta-optimizer on the factors (0 turns meta-learning off): about how far a
             dense factor's spectrum, or a diagonal entry, moves per meta step. 0.01 won the rule of
@@ -78,7 +126,8 @@ class APOPrecond(MetaLearnedOptimizer):
             the factor's spectrum by about ``meta_lr`` whatever its size (:class:`~hf_apo.factors.FactorAdam`);
             False gives per-entry Adam.
         lookahead_steps: how many steps of the momentum the look-ahead follows (see the module docstring); 1 is
-            the paper's one-step look-ahead. Without momentum it changes nothing.
+            the paper's one-step look-ahead. Without momentum it changes nothing. SGD only: ``base="adamw"`` refuses
+            values above 1.
         stochastic_rounding: round the update of bf16 parameters stochastically (see the module docstring); no
             effect on float32 or float64 parameters.
     """
@@ -88,11 +137,15 @@ class APOPrecond(MetaLearnedOptimizer):
         params,
         objective: ProximalObjective | None = None,
         *,
+        base: str = "sgd",
         lr: float = 1e-2,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+        amsgrad: bool = False,
         meta_interval: int = 10,
         meta_lr: float = 0.01,
         meta_batch_fraction: float = 0.25,
@@ -103,18 +156,41 @@ class APOPrecond(MetaLearnedOptimizer):
         spectral_meta_step: bool = True,
         stochastic_rounding: bool = True,
     ):
+        if base not in BASES:
+            raise ValueError(f"APO-Precond's base must be one of {', '.join(map(repr, BASES))}, got {base!r}.")
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}.")
         if momentum < 0 or weight_decay < 0:
             raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum} and {weight_decay}.")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov needs momentum > 0 and dampening 0, as in torch.optim.SGD.")
         if not isinstance(max_factor_dim, int) or max_factor_dim < 1:
             raise ValueError(f"max_factor_dim must be an integer >= 1, got {max_factor_dim!r}.")
         if not isinstance(lookahead_steps, int) or lookahead_steps < 1:
             raise ValueError(f"lookahead_steps must be an integer >= 1, got {lookahead_steps!r}.")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        if amsgrad:
+            raise ValueError("APO-Precond does not support amsgrad=True (its AdamW base is torch.optim.AdamW without "
+                             "amsgrad).")
+        if base == "sgd":
+            if nesterov and (momentum <= 0 or dampening != 0):
+                raise ValueError("nesterov needs momentum > 0 and dampening 0, as in torch.optim.SGD.")
+            if betas is not None or eps is not None:
+                raise ValueError("betas and eps are AdamW's hyperparameters: pass base='adamw' to use them.")
+            defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                            nesterov=nesterov)
+        else:
+            if momentum != 0 or dampening != 0 or nesterov:
+                raise ValueError("momentum, dampening and nesterov are SGD's hyperparameters; with base='adamw' the "
+                                 "first moment's decay is betas[0].")
+            if lookahead_steps != 1:
+                raise ValueError(
+                    f"lookahead_steps={lookahead_steps} follows SGD's momentum buffer; base='adamw' supports only the "
+                    "one-step look-ahead (lookahead_steps=1)."
+                )
+            defaults = dict(lr=lr, betas=tuple((0.9, 0.999) if betas is None else betas),
+                            eps=1e-8 if eps is None else eps, weight_decay=weight_decay)
+        self.base = base
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            _validate_group(group, base)
         if objective is not None and objective.loss_batch != "same":
             raise ValueError(
                 "APO-Precond scores the loss term on the same batch (loss_batch='same'); loss_batch='next' is "
@@ -169,6 +245,35 @@ class APOPrecond(MetaLearnedOptimizer):
         groups = [{"params": group["params"], **{k: group[k] for k in _SGD_KEYS}} for group in sgd.param_groups]
         return cls(groups, objective, **meta_kwargs)
 
+    @classmethod
+    def from_adamw(cls, adamw: torch.optim.AdamW, objective: ProximalObjective | None = None, **meta_kwargs: Any):
+        """APO-Precond over the parameter groups and hyperparameters (lr, betas, eps, weight_decay, per group) of an
+        existing ``torch.optim.AdamW``; ``meta_kwargs`` are the APO arguments (``meta_lr``, ``meta_interval``, ...).
+
+        Refuses another optimizer class (``torch.optim.Adam`` included: its weight decay is not decoupled by default),
+        ``amsgrad=True`` and ``maximize=True``. AdamW's state (moments), if it has taken steps, is not copied: load its
+        ``state_dict()`` into the new optimizer for that. ``foreach`` / ``fused`` are not carried over: APO-Precond's
+        step is torch's single-tensor one (see the module docstring).
+        """
+        if not isinstance(adamw, torch.optim.AdamW):
+            raise ValueError(
+                f"APOPrecond.from_adamw needs a torch.optim.AdamW; got {type(adamw).__name__}. Use from_sgd for "
+                "torch.optim.SGD."
+            )
+        if meta_kwargs.get("base", "adamw") != "adamw":
+            raise ValueError(f"APOPrecond.from_adamw builds base='adamw', got base={meta_kwargs['base']!r}.")
+        meta_kwargs.pop("base", None)
+        if any(group.get("amsgrad") for group in adamw.param_groups):
+            raise ValueError("APO-Precond does not support AdamW's amsgrad=True; build the AdamW with amsgrad=False.")
+        if any(group.get("maximize") for group in adamw.param_groups):
+            raise ValueError("APO-Precond does not support maximize=True.")
+        groups = [
+            {"params": group["params"], **{k: _scalar(group[k]) if k != "betas" else tuple(map(_scalar, group[k]))
+                                           for k in _ADAMW_KEYS}}
+            for group in adamw.param_groups
+        ]
+        return cls(groups, objective, base="adamw", **meta_kwargs)
+
     # -- the update rule ------------------------------------------------------------------------------------
     def _future_weight(self, group: dict[str, Any]) -> float:
         """m: the weight of the new buffer b′ in the look-ahead's steps after the first (see the module docstring)."""
@@ -217,10 +322,13 @@ class APOPrecond(MetaLearnedOptimizer):
             directions = torch._foreach_add(directions, buffers, alpha=future)
         return directions
 
-    def _update(self, meta_step_due: bool) -> None:
+    def _update(self) -> None:
         self._follow_replaced_params()
-        if meta_step_due:
+        if self._meta_step_due():
             self.meta_update()
+        if self.base == "adamw":
+            self._adamw_update()
+            return
         for group in self.param_groups:
             params = self._params_with_grad(group)
             if not params:
@@ -238,19 +346,111 @@ class APOPrecond(MetaLearnedOptimizer):
             else:
                 torch._foreach_add_(targets, directions, alpha=-group["lr"])
 
+    # -- the AdamW base -------------------------------------------------------------------------------------
+    def _wide(self, param: torch.Tensor) -> bool:
+        """Whether this parameter's AdamW step is formed in float32 and stochastically rounded (bf16 only)."""
+        return self.stochastic_rounding and param.dtype == torch.bfloat16
+
+    def _adam_moments(self, p: torch.Tensor, group: dict[str, Any], write: bool):
+        """(m, denom, step_size) of this step for parameter ``p``, as torch.optim.AdamW computes them (same ops, same
+        order): m and v updated with the raw gradient, denom = √v / √(1 − β₂ᵗ) + ε, step_size = η / (1 − β₁ᵗ).
+
+        ``write``: update the state in place (the real step); otherwise compute this step's moments into new tensors
+        and leave the state as it is (the look-ahead). For a stochastically rounded bf16 parameter, denom is float32.
+        """
+        state = self.state[p]
+        grad = local_tensor(p.grad)
+        beta1, beta2 = group["betas"]
+        if state:
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            step = float(state["step"])
+        else:
+            local = local_tensor(p)
+            exp_avg = torch.zeros_like(local, memory_format=torch.preserve_format)
+            exp_avg_sq = torch.zeros_like(local, memory_format=torch.preserve_format)
+            step = 0.0
+            if write:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
+        if write:
+            state["step"] += 1
+            step = float(state["step"])
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:
+            step += 1
+            exp_avg = exp_avg.lerp(grad, 1 - beta1)
+            exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = group["lr"] / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        if self._wide(p):
+            exp_avg_sq = exp_avg_sq.float()
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        return exp_avg, denom, step_size
+
+    def _adam_input(self, p: torch.Tensor, exp_avg: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+        """m / denom, the tensor P acts on (u = that / (1 − β₁ᵗ)); float32 for a stochastically rounded bf16 one."""
+        return (exp_avg.float() if self._wide(p) else exp_avg) / denom
+
+    def _adamw_update(self) -> None:
+        """The real AdamW step with the current factors (see the module docstring for where it is bitwise torch's)."""
+        for group in self.param_groups:
+            params = self._params_with_grad(group)
+            if not params:
+                continue
+            decay = 1 - group["lr"] * group["weight_decay"]
+            for p in params:
+                target = local_tensor(p)
+                factors = self.factors[p]
+                if not self._wide(p) and group["weight_decay"] != 0:
+                    target.mul_(decay)
+                exp_avg, denom, step_size = self._adam_moments(p, group, write=True)
+                if self._wide(p):
+                    with _no_autocast(p):
+                        update = factors.precondition(self._adam_input(p, exp_avg, denom))
+                    self._stochastic_add_(target, update, -step_size, decay=decay)
+                elif factors.is_identity:
+                    target.addcdiv_(exp_avg, denom, value=-step_size)  # torch.optim.AdamW's own op
+                else:
+                    with _no_autocast(p):
+                        update = factors.precondition(self._adam_input(p, exp_avg, denom))
+                    target.add_(update, alpha=-step_size)
+
+    def _adamw_lookahead_(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[float]:
+        """θ ← θ′ = θ·(1 − ηω) − η/(1 − β₁ᵗ) · P_φ(m / denom) in place, with the current (not cached) factors and
+        this step's moments, which are not written; returns the cotangent scales −η/(1 − β₁ᵗ) (∂Δ/∂P(m/denom))."""
+        scales = []
+        for p in params:
+            target = local_tensor(p)
+            exp_avg, denom, step_size = self._adam_moments(p, group, write=False)
+            with _no_autocast(p):
+                update = self.factors[p].precondition_full(self._adam_input(p, exp_avg, denom)).to(p.dtype)
+            del exp_avg, denom
+            if group["weight_decay"] != 0:
+                target.mul_(1 - group["lr"] * group["weight_decay"])
+            target.add_(update, alpha=-step_size)
+            scales.append(-step_size)
+        return scales
+
     def _rounding_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._rounding_generators:
             self._rounding_generators[device] = torch.Generator(device=device).manual_seed(0)
         return self._rounding_generators[device]
 
-    def _stochastic_add_(self, target: torch.Tensor, update: torch.Tensor, alpha: float) -> None:
-        """target += alpha · update for a bf16 ``target``, the float32 sum rounded to bf16 without bias.
+    def _stochastic_add_(self, target: torch.Tensor, update: torch.Tensor, alpha: float, decay: float = 1.0) -> None:
+        """target ← decay · target + alpha · update for a bf16 ``target``, the float32 result rounded to bf16 without
+        bias (``decay``: AdamW's decoupled weight decay 1 − ηω, applied in float32 before the rounding).
 
         A bf16 number is a float32 with its 16 low bits zero: adding a uniform random 16-bit integer to the float32
         sum's bits and clearing them rounds its magnitude up with probability (distance to the lower neighbour) /
         (spacing), the trick of heavyball and Zamirai et al. (2020). inf and NaN stay what they are.
         """
-        exact = target.float().add_(update.float(), alpha=alpha)
+        exact = target.float()
+        if decay != 1.0:
+            exact.mul_(decay)
+        exact.add_(update.float(), alpha=alpha)
         noise = torch.randint(0, 1 << 16, exact.shape, dtype=torch.int32, device=exact.device,
                               generator=self._rounding_generator(exact.device))
         target.copy_(exact.view(torch.int32).add_(noise).bitwise_and_(-65536).view(torch.float32))
@@ -258,7 +458,8 @@ class APOPrecond(MetaLearnedOptimizer):
     # -- the meta step --------------------------------------------------------------------------------------
     @torch.no_grad()
     def meta_update(self) -> bool:
-        """One meta step on the observed batches: update φ, leave θ and the momentum buffers as they were.
+        """One meta step on the observed batches: update φ, leave θ and the momentum buffers / Adam moments as they
+        were.
 
         Returns False when the step was skipped because Q or its gradient was not finite.
         """
@@ -275,6 +476,9 @@ class APOPrecond(MetaLearnedOptimizer):
         scales = []
         for group, group_params in groups:
             if not group_params:
+                continue
+            if self.base == "adamw":
+                scales.extend(self._adamw_lookahead_(group, group_params))
                 continue
             for p in group_params:
                 has_buffer = self.state[p].get("momentum_buffer") is not None
@@ -302,6 +506,7 @@ class APOPrecond(MetaLearnedOptimizer):
         objective = result.objective.to(torch.float64)
         proximity = torch.zeros((), dtype=torch.float64, device=objective.device)  # FSDP2: this rank's shards' part
         meta_grads: list[torch.Tensor] = []
+        param_group = [group for group, group_params in groups for _ in group_params]
         with _no_autocast(params[0]):
             for index, (p, v, scale) in enumerate(zip(params, lookahead_grads, scales)):
                 factors = self.factors[p]
@@ -317,7 +522,14 @@ class APOPrecond(MetaLearnedOptimizer):
                         proximity = proximity + term
                 local.copy_(theta[index])  # back to θ: the real step is taken by step() with the updated φ
                 theta[index] = None
-                meta_grads.extend(factors.vjp(local_tensor(p.grad), u.mul_(scale)))
+                if self.base == "adamw":  # P acts on m / denom: recomputed (cheap, element-wise), not kept
+                    exp_avg, denom, _ = self._adam_moments(p, param_group[index], write=False)
+                    preconditioned_input = self._adam_input(p, exp_avg, denom)
+                    del exp_avg, denom
+                else:
+                    preconditioned_input = local_tensor(p.grad)
+                meta_grads.extend(factors.vjp(preconditioned_input, u.mul_(scale)))
+                del preconditioned_input
         del theta, result, lookahead_grads
         flat = torch.cat([g.reshape(-1).to(torch.float64) for g in meta_grads])
         self.last_meta_gradient = meta_grads
@@ -348,7 +560,8 @@ class APOPrecond(MetaLearnedOptimizer):
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """SGD's state dict (momentum buffers) plus an ``apo`` entry with the factors, in their own dtype.
+        """The base's state dict (SGD's momentum buffers, or AdamW's ``step``, ``exp_avg``, ``exp_avg_sq`` in
+        torch.optim.AdamW's layout) plus an ``apo`` entry with the factors, in their own dtype.
 
         The factors sit outside the per-parameter state so that ``load_state_dict`` cannot cast them to a bf16
         parameter's dtype.
@@ -367,6 +580,8 @@ class APOPrecond(MetaLearnedOptimizer):
         state_dict = dict(state_dict)
         apo = state_dict.pop("apo", None)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            _validate_group(group, self.base)  # e.g. a torch.optim.AdamW state with amsgrad=True
         if apo is None:
             return
         self._follow_replaced_params()  # a resumed Trainer run loads after Accelerate's FSDP2 prepare
@@ -400,6 +615,34 @@ class APOPrecond(MetaLearnedOptimizer):
     def factor_numel(self) -> int:
         """Number of meta-parameters (factor entries); the meta-optimizer keeps two more per entry."""
         return sum(f.numel() for f in self.factors.values())
+
+
+def _validate_group(group: dict[str, Any], base: str) -> None:
+    """Refuse a parameter group whose hyperparameters the base would ignore or cannot take."""
+    if base == "sgd":
+        return  # SGD's groups are checked by the constructor's arguments, as before AdamW was a base
+    if "betas" not in group or "eps" not in group:
+        raise ValueError("APO-Precond with base='adamw' got a parameter group without betas and eps (a state saved "
+                         "with base='sgd'?).")
+    foreign = sorted(k for k in ("momentum", "dampening", "nesterov", "amsgrad", "maximize") if group.get(k))
+    if foreign:
+        raise ValueError(f"APO-Precond with base='adamw' does not take {', '.join(foreign)} in a parameter group.")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}.")
+    if not group["eps"] >= 0 or not group["lr"] >= 0 or not group["weight_decay"] >= 0:
+        raise ValueError(f"lr, eps and weight_decay must be >= 0, got {group['lr']}, {group['eps']} and "
+                         f"{group['weight_decay']}.")
+
+
+def _scalar(value):
+    """A float hyperparameter of a torch optimizer (it may hold a 0-dim tensor) as a Python float."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype of torch.optim.AdamW's ``step`` tensor (``torch.optim.optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _no_autocast(reference: torch.Tensor):

@@ -1,7 +1,7 @@
 """APO under FSDP2 (``fully_shard``) in a plain torch loop, 2 gloo processes on the CPU (tests/scripts/train_fsdp.py).
 
 The same 30 steps of the tiny T5 (APO-LR with the loss on the same batch, APO-LR with the loss from the next
-gradient, APO-Precond with momentum), each global batch of 8 split over the ranks, under FSDP2, under DDP and in
+gradient, APO-Precond over SGD with momentum and over AdamW), each global batch of 8 split over the ranks, under FSDP2, under DDP and in
 one process. For APO-LR the ranks hold different numbers of target tokens: without APO's weighting of each rank's
 loss and KL by its share of the global token count, 2 processes differ from 1 by 3e-4 (same) and 4.5e-3 (next). FSDP2 must take the look-ahead through the sharded module (so the parameters are gathered at θ′), read
 v from the reduce-scattered ``.grad``, sum the shards' dot products and keep the factors of its own rows; a missing
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.fsdp_gpu_check import VARIANTS as GPU_CHECK_VARIANTS  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_fsdp.py")
-VARIANTS = ("lr", "lr_next", "precond")
+VARIANTS = ("lr", "lr_next", "precond", "precond_adamw")
 
 
 def launch(out, parallel, *args, check=True):
@@ -61,7 +61,7 @@ def test_fsdp2_equals_ddp_and_one_process(runs, variant):
     assert all(torch.equal(a, b) for a, b in zip(fsdp0["params"], fsdp1["params"]))
     assert fsdp0["meta_steps"] == ddp["meta_steps"] == single["meta_steps"] == (29 if variant == "lr_next" else 15)
     # Meta-learning moved φ far from its start, so the comparisons below compare learned values.
-    if variant == "precond":
+    if variant.startswith("precond"):
         assert max(float((m - 1).abs().max()) for m in fsdp0["meta"] if m.dim() == 1) > 0.05
         assert any(not torch.allclose(m, torch.eye(m.shape[0]), atol=0.05) for m in fsdp0["meta"] if m.dim() == 2)
     else:

@@ -199,8 +199,8 @@ def test_horizon_with_bf16_weights_keeps_a_float32_displacement():
 
 
 @pytest.mark.parametrize("loss_batch", ["same", "next"])
-def test_no_meta_step_while_the_scheduled_learning_rate_rises(loss_batch):
-    """A warm-up is the user's: φ stays put while the scheduler raises group["lr"], and learns once it stops."""
+def test_a_warm_up_holds_increases_of_the_learning_rate(loss_batch):
+    """A warm-up is the user's: φ does not rise while the scheduler raises group["lr"], and learns once it stops."""
     model = MLP()
     objective = ProximalObjective(model, lambda_fsd=1.0, loss_batch=loss_batch)
     optimizer = APOLR(model.parameters(), objective, lr=1e-3, meta_interval=1, meta_lr=0.05)
@@ -212,6 +212,28 @@ def test_no_meta_step_while_the_scheduled_learning_rate_rises(loss_batch):
         optimizer.observe(batch)
         optimizer.step()
         scheduler.step()
-        if step == 10:  # steps 1-10 ran at rising LRs 1e-4 ... 1e-3: no meta step
-            assert optimizer.meta_steps == 0 and optimizer.lr_multipliers == [1.0]
-    assert optimizer.meta_steps >= 9 and optimizer.lr_multipliers != [1.0]
+        assert optimizer.log_lr.item() <= 0.0 or step > 10  # steps 1-10 ran at rising LRs 1e-4 ... 1e-3
+        if step == 10:  # 1e-3 is far too small for one batch: every meta-gradient said "larger", none was applied
+            assert optimizer.meta_steps >= 9 and optimizer.lr_multipliers == [1.0]
+    assert optimizer.lr_multipliers[0] > 1.0
+
+
+@pytest.mark.parametrize("meta_optimizer", ["adam", "rprop"])
+def test_a_warm_up_still_lowers_a_too_large_learning_rate(meta_optimizer):
+    """SGD on ½θ², warmed up towards lr 1.9 (just stable): a step of lr η leaves θ·(1 − η), so the next gradient
+    opposes the step once η > 1 and the meta-gradient ⟨Δ_t, g_t+1⟩ = −η(1 − η)θ² is positive: φ falls during the
+    warm-up, where no increase is ever applied."""
+    theta = torch.nn.Parameter(torch.tensor([1.0]))
+    objective = ProximalObjective(torch.nn.Linear(1, 1), lambda_fsd=0.0, loss_batch="next")
+    optimizer = APOLR([theta], objective, base="sgd", lr=1.9, meta_interval=1, meta_lr=0.1,
+                      meta_optimizer=meta_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))
+    history = []
+    for _ in range(20):  # the whole warm-up: 0.095 ... 1.9
+        theta.data.div_(theta.norm())  # the sign of the meta-gradient is scale-free: keep θ from vanishing
+        theta.grad = theta.detach().clone()
+        optimizer.step()
+        scheduler.step()
+        history.append(optimizer.log_lr.item())
+    assert all(b <= a for a, b in zip(history, history[1:]))  # never rose
+    assert history[-1] < -0.2  # and came down once the scheduled LR passed 1

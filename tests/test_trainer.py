@@ -41,7 +41,8 @@ def apo_logs(trainer):
 @pytest.mark.parametrize(
     "apo, optim",
     [("lr", {"optim": "adamw_torch"}), ("lr", {"optim": "sgd", "optim_args": "momentum=0.9"}),
-     ("lr", {"optim": "rmsprop"}), ("precond", {"optim": "sgd", "optim_args": "momentum=0.9"})],
+     ("lr", {"optim": "rmsprop"}), ("precond", {"optim": "sgd", "optim_args": "momentum=0.9"}),
+     ("precond", {"optim": "adamw_torch"})],
 )
 def test_meta_lr_zero_equals_parent_trainer(tmp_path, apo, optim):
     parent = Seq2SeqTrainer(
@@ -171,7 +172,9 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
     "overrides, flag",
     [
         ({"apo": "lr", "optim": "adafactor"}, "--optim"),
-        ({"apo": "precond"}, "--optim sgd"),
+        ({"apo": "precond", "optim": "adafactor"}, "--optim one of: adamw_torch, adamw_torch_fused, sgd"),
+        ({"apo": "precond", "apo_lookahead_steps": 3}, "--apo_lookahead_steps > 1 follows SGD's momentum"),
+        ({"apo": "precond", "optim": "sgd", "apo_meta_optimizer": "rprop"}, "--apo lr's"),
         ({"apo": "lr", "apo_lambda_fsd": -1.0}, "--apo_lambda_fsd"),
         ({"apo": "lr", "apo_lambda_wsd": -0.1}, "--apo_lambda_wsd"),
         ({"apo": "lr", "apo_meta_interval": 0}, "--apo_meta_interval"),
@@ -210,7 +213,8 @@ def test_help_lists_apo_flags():
     for flag in ("--apo {none,lr,precond}", "--apo_meta_interval", "--apo_meta_lr", "--apo_lambda_fsd",
                  "--apo_lambda_wsd", "--apo_meta_batch_fraction", "--apo_lr_clamp", "--apo_max_factor_dim",
                  "--apo_loss_batch {same,next}", "--apo_horizon", "--apo_lookahead_steps", "--apo_spectral_meta_step",
-                 "--apo_stochastic_rounding"):
+                 "--apo_stochastic_rounding", "--apo_meta_optimizer {adam,rprop}", "--apo_adaptive_interval",
+                 "--apo_label_shift {auto,0,1}"):
         assert flag in text
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "lr", "--apo_lambda_fsd", "3"])
     assert args.apo == "lr" and args.apo_lambda_fsd == 3.0 and args.apo_setting("apo_lambda_fsd") == 3.0

@@ -2,7 +2,7 @@
 
     python train_fsdp.py --out DIR --parallel none
     torchrun --standalone --nproc_per_node 2 train_fsdp.py --out DIR --parallel ddp|fsdp
-        [--variants lr,lr_next,precond] [--steps 30] [--save_at 5] [--kill_at 8] [--resume]
+        [--variants lr,lr_next,precond,precond_adamw] [--steps 30] [--save_at 5] [--kill_at 8] [--resume]
 
 Every step draws the same global batch of 8 examples whatever the number of processes; rank r trains on its
 consecutive share. For APO-LR examples have 4 to 6 real target tokens (the rest of the labels -100), so the ranks'
@@ -34,11 +34,12 @@ GLOBAL_BATCH = 8
 
 def build(variant, parallel, model, fraction):
     """The optimizer of a variant; ``model`` is the module the objective calls (sharded in place under FSDP2)."""
-    if variant == "precond":
+    if variant.startswith("precond"):
         objective = ProximalObjective(model, lambda_fsd=1.0, lambda_wsd=0.1)
         # The factors FSDP2 allows (diagonal on the sharded row side) for every run, so the runs are comparable.
         matrices = [p for p in model.parameters() if p.dim() >= 2]
-        return APOPrecond(model.parameters(), objective, lr=0.05, momentum=0.9, meta_interval=2, meta_lr=0.05,
+        base = dict(lr=0.05, momentum=0.9) if variant == "precond" else dict(base="adamw", lr=1e-3, weight_decay=0.01)
+        return APOPrecond(model.parameters(), objective, **base, meta_interval=2, meta_lr=0.05,
                           meta_batch_fraction=fraction, diagonal_row_params=matrices)
     if variant == "lr":
         objective = ProximalObjective(model, lambda_fsd=1.0, lambda_wsd=0.1, loss_batch="same")
@@ -93,7 +94,7 @@ def run(variant, args, rank, world, kill_at=None):
         first = (step * GLOBAL_BATCH) % len(data) + rank * share
         examples = [data[i] for i in range(first, first + share)]
         batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
-        if variant != "precond":  # (APO-Precond: see the README on FactorAdam and rounding)
+        if not variant.startswith("precond"):  # (APO-Precond: see the README on FactorAdam and rounding)
             for row, index in enumerate(range(first, first + share)):
                 batch["labels"][row, 6 - index % 3:] = -100  # 6, 5 or 4 real target tokens: unequal per rank
         tokens = (batch["labels"] != -100).sum().double()
@@ -117,7 +118,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], required=True)
-    parser.add_argument("--variants", default="lr,lr_next,precond")
+    parser.add_argument("--variants", default="lr,lr_next,precond,precond_adamw")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--save_at", type=int, default=None)
     parser.add_argument("--kill_at", type=int, default=None)
