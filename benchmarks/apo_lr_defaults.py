@@ -58,17 +58,19 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, append_run, environment, read_runs
+from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, append_run, build_peer, environment, read_runs
 from benchmarks.tasks import TASKS, run_once
 
 SMALL_TASKS = ("digits_classification", "digits_autoencoder", "teacher_student")
 LARGE_TASKS = ("translation", "finetune")
+TRAINER_TASKS = ("finetune", "lora")  # run through the Trainer (benchmarks/finetune.py, benchmarks/lora.py)
 LONG_BUDGETS = {  # task: (steps, eval_every, seeds)
     "digits_classification": (6000, 300, (0, 1, 2)),
     "digits_autoencoder": (8000, 400, (0, 1, 2)),
     "teacher_student": (6000, 300, (0, 1, 2)),
     "translation": (1500, 150, (0, 1)),
     "finetune": (600, 50, (0, 1)),
+    "lora": (300, 25, (0, 1)),
 }
 ADAMW_GRID = {task: (1e-4, 3e-4, 1e-3, 3e-3, 1e-2) for task in (*SMALL_TASKS, "translation")}
 ADAMW_GRID["finetune"] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -164,37 +166,51 @@ class TaskSweep:
         return rows
 
     def _train(self, spec: MethodSpec | None, apo_args: dict | None, lr: float, seed: int) -> dict:
-        if self.task == "finetune":
-            from benchmarks import finetune
-
-            settings = finetune.QUICK_PRETRAIN if self.quick else finetune.PRETRAIN
-            directory = finetune.CACHE_ROOT / ("finetune_pretrained_quick" if self.quick else "finetune_pretrained")
-            finetune.pretrained_checkpoint(directory, dict(settings))  # cached after the first call
-            options = {"eval_steps": self.eval_every, "logging_steps": 10 if not self.quick else 5}
-            if self.quick:
-                options["eval_pairs"] = 100
-            result = finetune.finetune_run(lr, seed, apo_args, self.steps, pretrained_dir=directory, **options)
-            return {"final": result["final_eval_loss"] if not result["diverged"] else math.inf,
-                    "train_final": (result["train_losses"] or [math.nan])[-1], "eval_steps": result["eval_steps"],
-                    "losses": result["eval_losses"], "lr_multiplier": result["lr_multiplier"],
-                    "diverged": result["diverged"]}
+        if self.task in TRAINER_TASKS:
+            return self._train_with_trainer(spec, apo_args, lr, seed)
         task = dataclasses.replace(TASKS[self.task], steps=self.steps, eval_every=self.eval_every)
         if self._data is None:
             self._data = task.load(self.quick)
         result = run_once(task, self._data, spec, seed)
-        every = max(1, len(result["lr_trace"]) // 100)
-        base = spec.lr
+        every = max(1, len(result["multiplier_trace"]) // 100)
         return {"final": result["final"], "train_final": result["train_final"], "eval_steps": result["steps"],
                 "losses": result["losses"], "diverged": result["diverged"],
-                "lr_multiplier": [x / base for x in result["lr_trace"][::every]], "lr_multiplier_every": every}
+                "lr_multiplier": result["multiplier_trace"][::every], "lr_multiplier_every": every}
+
+    def _train_with_trainer(self, spec: MethodSpec | None, trainer_args: dict, lr: float, seed: int) -> dict:
+        """finetune / lora: one run through the Trainer (its default linear decay unless ``trainer_args`` say
+        otherwise); ``spec``, when given, is a peer (``common.PEERS``) that replaces ``--optim``."""
+        if self.task == "finetune":
+            from benchmarks import finetune as module
+
+            directory = module.CACHE_ROOT / ("finetune_pretrained_quick" if self.quick else "finetune_pretrained")
+            run = module.finetune_run
+        else:
+            from benchmarks import lora as module
+
+            directory = module.CACHE_ROOT / ("lora_pretrained_quick" if self.quick else "lora_pretrained")
+            run = module.lora_run
+        module.pretrained_checkpoint(directory, dict(module.QUICK_PRETRAIN if self.quick else module.PRETRAIN))
+        options = {"eval_steps": self.eval_every, "logging_steps": 10 if not self.quick else 5}
+        if self.quick:
+            options["eval_pairs"] = 100
+        if spec is not None:
+            options["optimizer_builder"] = lambda model: build_peer(
+                spec.kind, [p for p in model.parameters() if p.requires_grad], spec.lr, spec.weight_decay)
+        result = run(lr, seed, trainer_args, self.steps, pretrained_dir=directory, **options)
+        every = max(1, len(result["lr_multiplier"]) // 100)
+        return {"final": result["final_eval_loss"] if not result["diverged"] else math.inf,
+                "train_final": (result["train_losses"] or [math.nan])[-1], "eval_steps": result["eval_steps"],
+                "losses": result["eval_losses"], "lr_multiplier": result["lr_multiplier"][::every],
+                "lr_multiplier_every": every * options["logging_steps"], "diverged": result["diverged"]}
 
     def adamw(self, lr: float) -> list[dict]:
-        if self.task == "finetune":
+        if self.task in TRAINER_TASKS:
             return self.run("adamw", lr, apo_args={"apo": "none"})
         return self.run("adamw", lr, spec=MethodSpec("adamw", "adamw", lr=lr))
 
     def candidate(self, name: str, lr: float) -> list[dict]:
-        if self.task == "finetune":
+        if self.task in TRAINER_TASKS:
             return self.run(name, lr, apo_args=apo_trainer_args(name))
         return self.run(name, lr, spec=candidate_spec(name, lr))
 

@@ -38,7 +38,8 @@ def apo_lr_defaults() -> dict[str, Any]:
     loss_batch = DEFAULT_LOSS_BATCH["lr"]
     settings = APO_DEFAULTS[("lr", loss_batch)]
     return {"loss_batch": loss_batch, "lambda_fsd": settings["apo_lambda_fsd"], "horizon": settings["apo_horizon"],
-            "meta_interval": settings["apo_meta_interval"], "meta_lr": settings["apo_meta_lr"]}
+            "meta_interval": settings["apo_meta_interval"], "meta_lr": settings["apo_meta_lr"],
+            "meta_optimizer": settings["apo_meta_optimizer"], "adaptive_interval": settings["apo_adaptive_interval"]}
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,16 @@ class MethodSpec:
     """One optimizer configuration under test; ``kind`` picks the builder, the rest are its hyperparameters.
 
     kinds: ``adamw``, ``sgd`` (``momentum`` as given), ``apo_lr`` (APO-LR over AdamW), ``apo_precond``
-    (APO-Precond over SGD with ``momentum``), ``prodigy``, ``sf_adamw`` (schedule-free AdamW), and heavyball's
-    second-order optimizers, run eagerly (no torch.compile): ``soap`` (SOAP), ``psgd_kron`` (PSGD-Kron) and
-    ``shampoo`` (KL-Shampoo, heavyball's Shampoo).
+    (APO-Precond over SGD with ``momentum``), the learning-rate-free peers from their own packages (``prodigy``,
+    ``sf_adamw`` schedule-free AdamW, ``mechanic`` Mechanic over AdamW, ``dog`` DoG, ``dadapt_adam``
+    D-Adaptation Adam; :func:`build_peer`), and heavyball's second-order optimizers, run eagerly (no
+    torch.compile): ``soap`` (SOAP), ``psgd_kron`` (PSGD-Kron) and ``shampoo`` (KL-Shampoo, heavyball's Shampoo).
     The APO fields' own defaults are the paper's setting (same-batch loss, λ_FSD 10, K 10); hf_apo's APO-LR
     default is ``MethodSpec(name, "apo_lr", **apo_lr_defaults())``.
-    ``schedule``: ``constant`` or ``warmup_cosine`` (linear warmup over ``warmup_fraction`` of the steps, then
-    cosine decay to 0), applied to the base learning rate by a LambdaLR.
+    ``schedule``: ``constant``, ``linear`` (the Trainer's default: linear decay to 0, no warm-up) or
+    ``warmup_cosine`` (linear warmup over ``warmup_fraction`` of the steps, then cosine decay to 0), applied to the
+    base learning rate by a LambdaLR.
+    ``meta_optimizer``, ``adaptive_interval``: APO-LR's meta step (``hf_apo.APOLR``).
     """
 
     name: str
@@ -73,6 +77,8 @@ class MethodSpec:
     lookahead_steps: int = 1
     spectral_meta_step: bool = True
     stochastic_rounding: bool = True
+    meta_optimizer: str = "adam"
+    adaptive_interval: bool = False
 
     @property
     def is_apo(self) -> bool:
@@ -114,7 +120,8 @@ def build_optimizer(
         if spec.meta_lr is not None:
             meta["meta_lr"] = spec.meta_lr
         if spec.kind == "apo_lr":
-            optimizer = APOLR(params, objective, base="adamw", lr=spec.lr, weight_decay=wd, **meta)
+            optimizer = APOLR(params, objective, base="adamw", lr=spec.lr, weight_decay=wd, **meta,
+                              meta_optimizer=spec.meta_optimizer, adaptive_interval=spec.adaptive_interval)
         else:
             optimizer = APOPrecond(
                 params, objective, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
@@ -125,16 +132,8 @@ def build_optimizer(
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=wd)
     elif spec.kind == "sgd":
         optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=wd)
-    elif spec.kind == "prodigy":
-        from prodigyopt import Prodigy
-
-        optimizer = Prodigy(params, lr=spec.lr, weight_decay=wd)
-    elif spec.kind == "sf_adamw":
-        import schedulefree
-
-        warmup = int(spec.warmup_fraction * total_steps)
-        optimizer = schedulefree.AdamWScheduleFree(params, lr=spec.lr, weight_decay=wd, warmup_steps=warmup)
-        optimizer.train()
+    elif spec.kind in PEERS:
+        optimizer = build_peer(spec.kind, params, spec.lr, wd, warmup_steps=int(spec.warmup_fraction * total_steps))
     elif spec.kind == "soap":
         optimizer = heavyball_eager().SOAP(params, lr=spec.lr, weight_decay=wd)
     elif spec.kind == "psgd_kron":
@@ -145,7 +144,9 @@ def build_optimizer(
         raise ValueError(f"unknown optimizer kind {spec.kind!r}")
 
     scheduler = None
-    if spec.schedule == "warmup_cosine":
+    if spec.schedule == "linear":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
+    elif spec.schedule == "warmup_cosine":
         warmup = max(1, int(spec.warmup_fraction * total_steps))
 
         def factor(step: int) -> float:
@@ -158,6 +159,42 @@ def build_optimizer(
     elif spec.schedule != "constant":
         raise ValueError(f"unknown schedule {spec.schedule!r}")
     return optimizer, scheduler
+
+
+PEERS = ("prodigy", "sf_adamw", "mechanic", "dog", "dadapt_adam")
+
+
+def build_peer(kind: str, params, lr: float, weight_decay: float = 0.0, *, warmup_steps: int = 0):
+    """A learning-rate-free peer from its own package, at its documented defaults.
+
+    ``lr`` is the user's learning rate where the peer takes one (Schedule-Free AdamW; Mechanic's base AdamW) and the
+    peer's multiplier otherwise (1.0 for Prodigy, DoG and D-Adaptation, whose own estimate sets the step).
+    Schedule-Free AdamW gets ``warmup_steps`` (its docs ask for a warm-up) and is left in train mode; the others
+    take no warm-up of their own (none is used with them here, so Prodigy's ``safeguard_warmup`` stays off).
+    """
+    if kind == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=lr, weight_decay=weight_decay)
+    if kind == "sf_adamw":
+        import schedulefree
+
+        optimizer = schedulefree.AdamWScheduleFree(params, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
+        optimizer.train()
+        return optimizer
+    if kind == "mechanic":
+        from mechanic_pytorch import mechanize
+
+        return mechanize(torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
+    if kind == "dog":
+        from dog import DoG
+
+        return DoG(params, lr=lr, weight_decay=weight_decay)
+    if kind == "dadapt_adam":
+        from dadaptation import DAdaptAdam
+
+        return DAdaptAdam(params, lr=lr, weight_decay=weight_decay, decouple=True)
+    raise ValueError(f"unknown peer {kind!r}; one of {PEERS}")
 
 
 def train_step(model, optimizer, batch, forward: Callable = default_forward, scheduler=None) -> torch.Tensor:
@@ -253,7 +290,7 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    for package in ("heavyball", "prodigyopt", "schedulefree", "sklearn"):
+    for package in ("heavyball", "prodigyopt", "schedulefree", "mechanic_pytorch", "dog", "dadaptation", "sklearn"):
         try:
             module = __import__(package)
             info[package] = getattr(module, "__version__", "unknown")

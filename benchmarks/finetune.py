@@ -75,9 +75,11 @@ def encode(tokenizer, pairs: list[dict], source: str, target: str) -> list[dict]
     return [{key: enc[key][i] for key in ("input_ids", "attention_mask", "labels")} for i in range(len(pairs))]
 
 
-def trainer_for(model, tokenizer, args, train, evaluation) -> APOSeq2SeqTrainer:
+def trainer_for(model, tokenizer, args, train, evaluation, optimizer=None) -> APOSeq2SeqTrainer:
+    """``optimizer``: a torch optimizer to train with instead of ``--optim``'s (the Trainer still adds its schedule)."""
     trainer = APOSeq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                                data_collator=DataCollatorForSeq2Seq(tokenizer, model=model))
+                                data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+                                optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)  # each log dict printed to stdout
     return trainer
 
@@ -130,8 +132,11 @@ def pretrained_checkpoint(cache_dir: Path, settings: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def finetune_run(learning_rate: float, seed: int, apo_args: dict, steps: int = 600, *,
                  pretrained_dir: str | Path = CACHE_ROOT / "finetune_pretrained", eval_steps: int = 50,
-                 logging_steps: int = 10, eval_pairs: int = EVAL_PAIRS) -> dict:
+                 logging_steps: int = 10, eval_pairs: int = EVAL_PAIRS, optimizer_builder=None) -> dict:
     """Fine-tune the pretrained checkpoint on de→en with ``APOSeq2SeqTrainer``; ``apo_args`` pass through as is.
+
+    ``optimizer_builder(model)``: a torch optimizer (a peer from another package) used in place of ``--optim``'s,
+    under the Trainer's own schedule (``apo_args`` must then keep ``apo="none"``).
 
     Returns ``final_eval_loss``; the eval curve ``eval_steps``/``eval_losses`` (from step 0); the logged
     ``train_steps``/``train_losses``; per training log ``lr_multiplier`` (``apo/lr_multiplier``, empty without APO)
@@ -153,7 +158,8 @@ def finetune_run(learning_rate: float, seed: int, apo_args: dict, steps: int = 6
             logging_nan_inf_filter=False,  # a diverged run must log its NaN, not the previous average
         )
         args = APOSeq2SeqTrainingArguments(**{**settings, **apo_args})  # apo_args may set optim / optim_args
-        trainer = trainer_for(model, tokenizer, args, train, evaluation)
+        optimizer = optimizer_builder(model) if optimizer_builder is not None else None
+        trainer = trainer_for(model, tokenizer, args, train, evaluation, optimizer)
         # step 0: the pretrained model on the new task (kept here: train() starts a new log history)
         initial = trainer.evaluate()["eval_loss"]
         trainer.train()

@@ -90,6 +90,9 @@ LEVER_METHODS = [
     # loss_batch "next" (the loss term from the next step's gradient), without proximity terms: dot products only
     MethodSpec("apo_lr_next_h1", "apo_lr", lr=1e-3, loss_batch="next", lambda_fsd=0.0),
     MethodSpec("apo_lr_next_k1", "apo_lr", lr=1e-3, loss_batch="next", lambda_fsd=0.0, meta_interval=1, meta_lr=0.01),
+    # --apo_adaptive_interval's cost while the LR keeps moving (a meta step at every step), with Rprop's meta step
+    MethodSpec("apo_lr_every_step", "apo_lr", lr=1e-3, **{**apo_lr_defaults(), "meta_interval": 1,
+                                                         "meta_optimizer": "rprop"}),
     MethodSpec("apo_precond_frac1", "apo_precond", lr=1e-2, momentum=0.9, meta_batch_fraction=1.0),
     MethodSpec("apo_precond_cap256", "apo_precond", lr=1e-2, momentum=0.9, max_factor_dim=256),
 ]

@@ -324,7 +324,8 @@ def run_once(task: Task, data: TaskData, spec: MethodSpec, seed: int, precision:
     optimizer, scheduler = build_optimizer(spec, model, total_steps=task.steps, divergence=task.divergence, forward=forward)
     sampler = EpochSampler(data.size, task.batch_size, seed)
     steps, losses, times = [0], [evaluate(model, optimizer, data, precision)], [0.0]
-    lr_trace: list[float] = []
+    lr_trace: list[float] = []  # APO-LR: the applied LR (the schedule's times the learned multiplier)
+    multiplier_trace: list[float] = []  # APO-LR: the learned multiplier alone
     train_time, diverged = 0.0, False
     for step in range(1, task.steps + 1):
         batch = data.batch(sampler.next(), dtype)
@@ -333,6 +334,7 @@ def run_once(task: Task, data: TaskData, spec: MethodSpec, seed: int, precision:
         train_time += time.perf_counter() - start
         if isinstance(optimizer, APOLR):
             lr_trace.append(optimizer.param_groups[0]["lr"] * optimizer.lr_multipliers[0])
+            multiplier_trace.append(optimizer.lr_multipliers[0])
         if not math.isfinite(float(loss)):
             diverged = True
             break
@@ -346,4 +348,5 @@ def run_once(task: Task, data: TaskData, spec: MethodSpec, seed: int, precision:
     final = losses[-1] if not diverged else math.inf
     train_final = evaluate(model, optimizer, data, precision, data.train_eval_batches()) if not diverged else math.inf
     return {"final": final, "train_final": train_final, "steps": steps, "losses": losses, "train_time": times,
-            "diverged": diverged, "lr_trace": lr_trace, "total_train_time": train_time}
+            "diverged": diverged, "lr_trace": lr_trace, "multiplier_trace": multiplier_trace,
+            "total_train_time": train_time}

@@ -191,3 +191,51 @@ def test_apo_precond_compare_quick_applies_the_rule(tmp_path):
     assert rule["scores"] == pytest.approx({name: sum(r) / len(r) for name, r in ranks.items()})
     assert len(report["targets"]) == 5
     assert (tmp_path / "apo_precond_compare.png").stat().st_size > 1000
+
+
+def test_apo_lr_peers_quick_applies_the_rule(tmp_path):
+    """Two small tasks at 30 steps, every phase, then the report: the tuned baseline is the best of the linear grid,
+    the initial LRs are its multiples, the lr-free peers at lr 1 serve every cell, the ranks are recomputed here."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    for package in ("prodigyopt", "schedulefree", "mechanic_pytorch", "dog", "dadaptation"):
+        pytest.importorskip(package)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    script = str(REPO_ROOT / "benchmarks" / "apo_lr_peers.py")
+    common = ["--quick", "--output_dir", str(tmp_path)]
+    tasks = ["digits_classification", "teacher_student"]
+    for command in (["run", "--tasks", *tasks, "--phase", "all"], ["report"]):
+        completed = subprocess.run([sys.executable, script, *command, *common], cwd=REPO_ROOT, env=env,
+                                   capture_output=True, text=True, timeout=400)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.apo_lr_peers import CANDIDATES, GRIDS, PEERS_AT_ONE, INIT_FACTORS, run_score
+
+    report = json.loads((tmp_path / "apo_lr_peers.json").read_text())
+    runs = {task: [json.loads(line) for line in (tmp_path / "apo_lr_runs" / f"{task}.jsonl").open()] for task in tasks}
+    for task in tasks:
+        linear = {r["lr"]: run_score(task, r) for r in runs[task] if r["method"] == "adamw_linear"}
+        best = min(GRIDS[task], key=lambda lr: linear[lr])
+        assert report["tuned"][task] == [best, linear[best]]
+        cells = [c for c in report["cells"] if c["task"] == task]
+        assert sorted(c["lr"] for c in cells) == sorted(float(f"{best * f:.3g}") for f in INIT_FACTORS)
+        for peer in PEERS_AT_ONE:
+            assert len({c[peer] for c in cells}) == 1  # one run at lr 1, the same value in every cell
+        for c in cells:
+            assert c["adamw_linear_at_initial_lr"] == linear.get(c["lr"], c["adamw_linear_at_initial_lr"])
+    # digits_classification is judged by the best validation loss along the run, not the last one
+    row = next(r for r in runs["digits_classification"] if r["method"] == "apo_adam_k10")
+    assert run_score("digits_classification", row) == min(row["losses"])
+    ranks = {}
+    for c in report["cells"]:
+        values = {k: v for k, v in c.items() if k not in ("task", "lr")}
+        for position, method in enumerate(sorted(values, key=values.get), start=1):
+            ranks.setdefault(method, []).append(position)
+    assert report["mean_ranks"] == pytest.approx({m: sum(r) / len(r) for m, r in ranks.items()})
+    assert set(report["stage1"]) == set(CANDIDATES) and report["winner"] is None  # stage 2 has not run
+    assert (tmp_path / "apo_lr_peers.png").stat().st_size > 1000
+    # a second run trains nothing again
+    lines = sum(1 for _ in (tmp_path / "apo_lr_runs" / "teacher_student.jsonl").open())
+    subprocess.run([sys.executable, script, "run", "--tasks", "teacher_student", "--phase", "all", *common],
+                   cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=400)
+    assert sum(1 for _ in (tmp_path / "apo_lr_runs" / "teacher_student.jsonl").open()) == lines

@@ -1,0 +1,508 @@
+"""APO-LR against the baselines Trainer users have and the learning-rate-free optimizers they would pick instead.
+
+The question (issue 17): started from whatever LR a user guesses, does APO-LR end where a tuned AdamW with the
+Trainer's default linear decay ends, faster and more safely than Schedule-Free AdamW, Prodigy, Mechanic, DoG and
+D-Adaptation? And which of APO-LR's meta steps (``hf_apo.APOLR``: ``meta_optimizer`` adam / rprop,
+``adaptive_interval``) should ``--apo lr`` use?
+
+Scenarios (``apo_lr_defaults.LONG_BUDGETS``: the four long-budget tasks, the pretrained seq2seq fine-tune and a
+LoRA fine-tune of a small causal LM, ``benchmarks/lora.py``), their budgets and seeds (3 on the small tasks, 2 on
+the others). Runs go to ``<output_dir>/apo_lr_runs/<task>.jsonl`` (shared with ``apo_lr_defaults.py``: the constant
+AdamW grid of the small tasks and translation, and the fine-tune's AdamW grid, which already runs under the Trainer's
+linear decay, are read back from there, not run again).
+
+Methods, every one over AdamW's direction or a peer's own, no weight decay:
+
+* **AdamW** on ``ADAMW_GRID`` with the Trainer's default schedule (``linear``: decay to 0, no warm-up), beside
+  ``constant`` and ``warmup_cosine`` (5% warm-up, cosine to 0). On translation, the fine-tune and LoRA, cosine runs
+  at the best linear LR and its two grid neighbours only (2 CPU cores). The **best linear LR** (lowest mean final
+  validation loss) is the tuned baseline, and sets the initial LRs: best × {1/100, 1/10, 1, 3}.
+* **Peers** at their documented defaults: Schedule-Free AdamW at the initial LR (constant LR, warm-up 5% of the
+  steps, as its docs advise; ``--optim schedule_free_adamw`` under the Trainer), Mechanic over AdamW at the initial
+  LR (the base's LR under the linear decay), and at lr 1 (they ignore the user's LR, so one run serves every initial
+  LR) Prodigy, DoG and D-Adaptation Adam under the linear decay.
+* **AdamW at the initial LR**, linear decay: what the user gets without a sweep.
+* **APO-LR candidates** over AdamW at the initial LR, under the same linear decay, the next-batch objective with
+  horizon 10,000 and λ 0 (hf_apo's default objective): :data:`CANDIDATES`.
+
+Score of a run: its final validation loss, except on digits_classification, whose final validation loss measures
+over-fitting (train loss ~1e-4, validation lowest around step 1,200-1,800 of 6,000): there it is the **best
+validation loss along the run** (every 300 steps). A diverged seed is infinitely bad. A cell is (scenario, initial
+LR); a method's cell value is the mean over seeds.
+
+The rule, written before the runs:
+
+* **Stage 1**: every candidate runs on the three small tasks from the four initial LRs (12 cells). Candidates are
+  ranked in every cell; the mean rank orders them.
+* **Stage 2**: the best two of stage 1 and the current default (``adam_k10``) run on translation, finetune and lora
+  (12 more cells). The winner is the best mean rank among these finalists over all 24 cells.
+* Mean ranks within 0.25 of each other are a tie, resolved for the current default, then for the fewer meta-step
+  kinds changed (``meta_optimizer`` before ``adaptive_interval``). The winner becomes ``--apo lr``'s default.
+* The report ranks every method (candidates, peers, AdamW at the initial LR) in every cell, and states the
+  issue's targets for the winner and for each candidate: from every initial LR within 5% of tuned AdamW-linear on
+  ≥ 5 of 6 scenarios and ≤ it on ≥ 3; at the best LR never > 2% worse; the best mean rank of all methods; the
+  learned LR within 2× of where it ends by 10% of the run from best/100 and 3×best.
+
+Usage::
+
+    python benchmarks/apo_lr_peers.py run --tasks teacher_student --phase baselines
+    python benchmarks/apo_lr_peers.py run --tasks teacher_student --phase candidates --stage 1
+    python benchmarks/apo_lr_peers.py report
+    python benchmarks/apo_lr_peers.py run --quick --output_dir /tmp/peers --tasks digits_autoencoder --phase all
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.apo_lr_defaults import (
+    ADAMW_GRID, INIT_FACTORS, LONG_BUDGETS, TRAINER_TASKS, TaskSweep, load_runs,
+)
+from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec
+
+SMALL = ("digits_classification", "digits_autoencoder", "teacher_student")
+LARGE = ("translation", "finetune", "lora")
+SCENARIOS = SMALL + LARGE
+GRIDS = {**ADAMW_GRID, "lora": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)}  # lora: best near 1e-2 in a 150-step look
+BEST_ALONG_THE_RUN = ("digits_classification",)
+SCHEDULES = ("linear", "constant", "warmup_cosine")
+TRAINER_SCHEDULES = {"linear": {}, "constant": {"lr_scheduler_type": "constant"},
+                     "warmup_cosine": {"lr_scheduler_type": "cosine", "warmup_ratio": 0.05}}
+PEERS_AT_USER_LR = ("sf_adamw", "mechanic")
+PEERS_AT_ONE = ("prodigy", "dog", "dadapt_adam")
+WARMUP_FRACTION = 0.05  # Schedule-Free AdamW's warm-up
+
+# APO-LR over AdamW: the next-batch objective, horizon 10,000, λ 0, K 10, meta_lr 0.1 (hf_apo's default), and the
+# mechanisms of issue 17: Rprop's sign-agreement step sizes on φ, meta steps every step while φ keeps moving one way.
+_OBJECTIVE = dict(loss_batch="next", lambda_fsd=0.0, lambda_wsd=0.0, horizon=10_000.0, meta_interval=10, meta_lr=0.1)
+CANDIDATES: dict[str, dict] = {name: {**_OBJECTIVE, **settings} for name, settings in {
+    "adam_k10": dict(meta_optimizer="adam", adaptive_interval=False),  # the current default
+    "rprop_k10": dict(meta_optimizer="rprop", adaptive_interval=False),
+    "adam_adaptive": dict(meta_optimizer="adam", adaptive_interval=True),
+    "rprop_adaptive": dict(meta_optimizer="rprop", adaptive_interval=True),
+}.items()}
+CURRENT_DEFAULT = "adam_k10"
+FINALISTS_FROM_STAGE_1 = 2
+TIE = 0.25
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what each method is, as a run
+# ---------------------------------------------------------------------------------------------------------------
+def adamw_name(task: str, schedule: str) -> str:
+    """The stored method name of AdamW under a schedule ("adamw" is constant, except on the Trainer tasks, where
+    it has always meant the Trainer's default linear decay)."""
+    if task in TRAINER_TASKS:
+        return "adamw" if schedule == "linear" else f"adamw_{schedule}"
+    return "adamw" if schedule == "constant" else f"adamw_{schedule}"
+
+
+def apo_name(candidate: str) -> str:
+    return f"apo_{candidate}"
+
+
+def run_adamw(sweep: TaskSweep, schedule: str, lr: float) -> list[dict]:
+    name = adamw_name(sweep.task, schedule)
+    if sweep.task in TRAINER_TASKS:
+        return sweep.run(name, lr, apo_args={"apo": "none", **TRAINER_SCHEDULES[schedule]})
+    return sweep.run(name, lr, spec=MethodSpec(name, "adamw", lr=lr, schedule=schedule))
+
+
+def run_peer(sweep: TaskSweep, kind: str, lr: float) -> list[dict]:
+    if sweep.task in TRAINER_TASKS and kind == "sf_adamw":  # the Trainer's own --optim schedule_free_adamw
+        warmup = int(WARMUP_FRACTION * sweep.steps)
+        return sweep.run(kind, lr, apo_args={"apo": "none", "optim": "schedule_free_adamw",
+                                             "lr_scheduler_type": "constant", "warmup_steps": warmup})
+    schedule = "constant" if kind == "sf_adamw" else "linear"
+    spec = MethodSpec(kind, kind, lr=lr, schedule=schedule, warmup_fraction=WARMUP_FRACTION)
+    return sweep.run(kind, lr, spec=spec, apo_args={"apo": "none"})
+
+
+def run_candidate(sweep: TaskSweep, candidate: str, lr: float) -> list[dict]:
+    settings = CANDIDATES[candidate]
+    name = apo_name(candidate)
+    if sweep.task in TRAINER_TASKS:
+        return sweep.run(name, lr, apo_args=trainer_args(candidate))
+    return sweep.run(name, lr, spec=MethodSpec(name, "apo_lr", lr=lr, schedule="linear", **settings))
+
+
+def trainer_args(candidate: str) -> dict:
+    """A candidate as ``--apo_*`` flags (the Trainer's default linear decay)."""
+    s = CANDIDATES[candidate]
+    return {"apo": "lr", "apo_loss_batch": s["loss_batch"], "apo_lambda_fsd": s["lambda_fsd"],
+            "apo_lambda_wsd": s["lambda_wsd"], "apo_meta_interval": s["meta_interval"], "apo_meta_lr": s["meta_lr"],
+            "apo_horizon": s["horizon"], "apo_meta_optimizer": s["meta_optimizer"],
+            "apo_adaptive_interval": s["adaptive_interval"]}
+
+
+def cosine_lrs(task: str, best: float) -> tuple[float, ...]:
+    grid = GRIDS[task]
+    if task in SMALL:
+        return grid
+    i = grid.index(best)
+    return grid[max(0, i - 1):i + 2]
+
+
+def initial_lrs(best: float) -> list[float]:
+    return [float(f"{best * factor:.3g}") for factor in INIT_FACTORS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------------------------
+def best_linear_lr(sweep: TaskSweep) -> float:
+    grid = GRIDS[sweep.task]
+    scores = {lr: cell_value(sweep.task, run_adamw(sweep, "linear", lr)) for lr in grid}
+    return min(grid, key=lambda lr: scores[lr])
+
+
+def run_baselines(sweep: TaskSweep) -> None:
+    best = best_linear_lr(sweep)
+    for schedule in ("constant", "warmup_cosine"):
+        for lr in GRIDS[sweep.task] if schedule == "constant" else cosine_lrs(sweep.task, best):
+            if schedule == "constant" and sweep.task in LARGE and sweep.task != "translation":
+                continue  # constant AdamW is not what a Trainer user gets; on the costly tasks only translation has it
+            run_adamw(sweep, schedule, lr)
+    for lr in initial_lrs(best):
+        run_adamw(sweep, "linear", lr)
+        for kind in PEERS_AT_USER_LR:
+            run_peer(sweep, kind, lr)
+    for kind in PEERS_AT_ONE:
+        run_peer(sweep, kind, 1.0)
+
+
+def run_candidates(sweep: TaskSweep, names: list[str]) -> None:
+    best = best_linear_lr(sweep)
+    for lr in initial_lrs(best):
+        for name in names:
+            run_candidate(sweep, name, lr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rule
+# ---------------------------------------------------------------------------------------------------------------
+def run_score(task: str, row: dict) -> float:
+    if not math.isfinite(row["final"]):
+        return math.inf
+    if task in BEST_ALONG_THE_RUN:
+        return min(row["losses"])
+    return row["final"]
+
+
+def cell_value(task: str, rows: list[dict]) -> float:
+    scores = [run_score(task, r) for r in rows]
+    return statistics.fmean(scores) if scores and all(math.isfinite(s) for s in scores) else math.inf
+
+
+def seeds_of(task: str, quick: bool) -> int:
+    return 1 if quick else len(LONG_BUDGETS[task][2])
+
+
+def runs_by(output_dir: Path, task: str, quick: bool) -> dict[tuple[str, float], list[dict]]:
+    steps = 30 if quick else LONG_BUDGETS[task][0]
+    by: dict[tuple[str, float], list[dict]] = {}
+    for r in load_runs(output_dir, task):
+        if r["steps"] == steps:
+            by.setdefault((r["method"], float(f"{r['lr']:.6g}")), []).append(r)
+    return by
+
+
+def method_rows(task: str, by: dict, method: str, lr: float) -> list[dict]:
+    """The runs of ``method`` in the cell of initial LR ``lr`` (the peers at lr 1 serve every cell)."""
+    return by.get((method, 1.0 if method in PEERS_AT_ONE else lr), [])
+
+
+def ranked_methods(task: str) -> list[str]:
+    return [apo_name(c) for c in CANDIDATES] + list(PEERS_AT_USER_LR + PEERS_AT_ONE) + [adamw_name(task, "linear")]
+
+
+def tuned_baseline(task: str, by: dict, quick: bool) -> tuple[float, float] | None:
+    """(best linear LR, its cell value), None until the linear grid has run."""
+    name, grid = adamw_name(task, "linear"), GRIDS[task]
+    if any(len(by.get((name, lr), [])) < seeds_of(task, quick) for lr in grid):
+        return None
+    values = {lr: cell_value(task, by[(name, lr)]) for lr in grid}
+    best = min(grid, key=lambda lr: values[lr])
+    return best, values[best]
+
+
+def cells(output_dir: Path, tasks, methods_for, quick: bool) -> dict[tuple[str, float], dict[str, float]]:
+    """(task, initial LR) → method → cell value, for the cells every method of ``methods_for(task)`` finished."""
+    out = {}
+    for task in tasks:
+        by = runs_by(output_dir, task, quick)
+        tuned = tuned_baseline(task, by, quick)
+        if tuned is None:
+            continue
+        for lr in initial_lrs(tuned[0]):
+            entry = {}
+            for method in methods_for(task):
+                rows = method_rows(task, by, method, lr)
+                if len(rows) >= seeds_of(task, quick):
+                    entry[method] = cell_value(task, rows)
+            if len(entry) == len(methods_for(task)):
+                out[(task, lr)] = entry
+    return out
+
+
+def mean_ranks(table: dict[tuple[str, float], dict[str, float]]) -> dict[str, float]:
+    ranks: dict[str, list[int]] = {}
+    for entry in table.values():
+        for position, method in enumerate(sorted(entry, key=lambda m: entry[m]), start=1):
+            ranks.setdefault(method, []).append(position)
+    return {m: statistics.fmean(r) for m, r in ranks.items()}
+
+
+def ordered_by_rule(scores: dict[str, float]) -> list[str]:
+    """Candidates by mean rank; within TIE of the best: the current default, then fewer mechanisms changed."""
+    def changes(name: str) -> tuple[int, int]:
+        s = CANDIDATES[name]
+        return (s["meta_optimizer"] != "adam", s["adaptive_interval"])
+
+    ordered = sorted(scores, key=lambda n: scores[n])
+    tied = [n for n in ordered if scores[n] <= scores[ordered[0]] + TIE]
+    tied.sort(key=lambda n: (n != CURRENT_DEFAULT, changes(n), scores[n]))
+    return tied + [n for n in ordered if n not in tied]
+
+
+def candidate_scores(output_dir: Path, tasks, names: list[str], quick: bool) -> dict[str, float]:
+    table = cells(output_dir, tasks, lambda task: [apo_name(n) for n in names], quick)
+    return {n[len("apo_"):]: s for n, s in mean_ranks(table).items()}
+
+
+def finalists(output_dir: Path, quick: bool) -> list[str]:
+    scores = candidate_scores(output_dir, SMALL, list(CANDIDATES), quick)
+    if len(scores) < len(CANDIDATES):
+        raise SystemExit("stage 1 has not finished on the small tasks: run --phase candidates --stage 1 first.")
+    chosen = ordered_by_rule(scores)[:FINALISTS_FROM_STAGE_1]
+    return chosen + ([CURRENT_DEFAULT] if CURRENT_DEFAULT not in chosen else [])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------------------------
+def lr_ratio_by(row: dict, fraction: float) -> float | None:
+    """The learned multiplier at ``fraction`` of the run against where it ends, as a factor ≥ 1 (None: no trace)."""
+    trace = row.get("lr_multiplier") or []
+    if not trace:
+        return None
+    early, end = trace[min(len(trace) - 1, int(fraction * len(trace)))], trace[-1]
+    return max(early / end, end / early)
+
+
+def targets(name: str, table: dict, tuned: dict, by_task: dict) -> dict:
+    """Issue 17's targets for one method over the finished cells (``table``: (task, lr) → method → value)."""
+    within, at_most, worst_at_best, tracking = {}, {}, {}, {}
+    for (task, lr), entry in table.items():
+        if name not in entry:
+            continue
+        change = entry[name] / tuned[task][1] - 1 if math.isfinite(entry[name]) else math.inf
+        within.setdefault(task, []).append(change <= 0.05)
+        at_most.setdefault(task, []).append(change <= 0.0)
+        if math.isclose(lr, tuned[task][0], rel_tol=1e-3):
+            worst_at_best[task] = change
+        factor = lr / tuned[task][0]
+        if name.startswith("apo_") and (math.isclose(factor, 0.01, rel_tol=1e-3) or math.isclose(factor, 3.0, rel_tol=1e-3)):
+            ratios = [lr_ratio_by(r, 0.1) for r in method_rows(task, by_task[task], name, lr)]
+            tracking[f"{task}@{factor:g}x"] = max((x for x in ratios if x is not None), default=None)
+    scenarios = len(within)
+    return {
+        "scenarios": scenarios,
+        "within_5pct_from_every_lr": sorted(t for t, ok in within.items() if all(ok)),
+        "at_most_tuned_from_every_lr": sorted(t for t, ok in at_most.items() if all(ok)),
+        "change_at_best_lr": worst_at_best,
+        "lr_within_2x_by_10pct": tracking,
+        "met": {
+            "within 5% of tuned AdamW-linear from every initial LR on >= 5 of 6 scenarios":
+                sum(all(ok) for ok in within.values()) >= 5,
+            "<= tuned AdamW-linear from every initial LR on >= 3 of 6 scenarios":
+                sum(all(ok) for ok in at_most.values()) >= 3,
+            "at the best LR never more than 2% worse": bool(worst_at_best) and max(worst_at_best.values()) <= 0.02,
+            "learned LR within 2x of its end by 10% of the run from best/100 and 3x best": (all(
+                x is not None and x <= 2 for x in tracking.values()) if tracking else None),
+        },
+    }
+
+
+def summarize(output_dir: Path, quick: bool) -> dict:
+    by_task = {task: runs_by(output_dir, task, quick) for task in SCENARIOS}
+    tuned = {t: v for t in SCENARIOS if (v := tuned_baseline(t, by_task[t], quick)) is not None}
+    stage1 = candidate_scores(output_dir, SMALL, list(CANDIDATES), quick)
+    chosen = None
+    if len(stage1) == len(CANDIDATES):
+        chosen = finalists(output_dir, quick)
+    stage2 = candidate_scores(output_dir, SCENARIOS, chosen, quick) if chosen else {}
+    stage2_cells = len(cells(output_dir, SCENARIOS, lambda t: [apo_name(n) for n in chosen], quick)) if chosen else 0
+    winner = ordered_by_rule(stage2)[0] if stage2 and stage2_cells == 4 * len(SCENARIOS) else None
+    everything = cells(output_dir, SCENARIOS, ranked_methods, quick)
+    schedules = {}
+    for task in tuned:
+        schedules[task] = {}
+        for schedule in SCHEDULES:
+            name = adamw_name(task, schedule)
+            values = {lr: cell_value(task, by_task[task][(name, lr)]) for lr in GRIDS[task]
+                      if len(by_task[task].get((name, lr), [])) >= seeds_of(task, quick)}
+            if values:
+                best = min(values, key=values.get)
+                schedules[task][schedule] = {"best_lr": best, "value": values[best], "grid": values}
+    methods = ranked_methods(SCENARIOS[0])[:-1] + ["adamw_linear_at_initial_lr"]
+    table = {(t, lr): {("adamw_linear_at_initial_lr" if m == adamw_name(t, "linear") else m): v
+                       for m, v in e.items()} for (t, lr), e in everything.items()}
+    return {
+        "tuned": tuned, "schedules": schedules, "stage1": stage1, "finalists": chosen, "stage2": stage2,
+        "stage2_cells": stage2_cells, "winner": winner, "cells": table, "mean_ranks": mean_ranks(table),
+        "targets": {m: targets(m, table, tuned, by_task) for m in methods},
+        "by_task": by_task,
+    }
+
+
+def pct(value: float) -> str:
+    return f"{value:+.1%}" if math.isfinite(value) else "diverged"
+
+
+def markdown(summary: dict, quick: bool) -> str:
+    from benchmarks.common import markdown_table
+
+    tuned, table = summary["tuned"], summary["cells"]
+    lines = ["# APO-LR against tuned AdamW with the Trainer's schedule and the learning-rate-free peers", "",
+             "Produced by `benchmarks/apo_lr_peers.py` (the rule is in its docstring, written before the runs). "
+             "A cell is (scenario, initial LR); its value is the mean over seeds of the final validation loss "
+             "(digits_classification: the best validation loss along the run). Relative numbers are against "
+             "tuned AdamW with the Trainer's default linear decay (the best of its grid).", ""]
+    rows = []
+    for task, (best, value) in tuned.items():
+        sched = summary["schedules"].get(task, {})
+        rows.append([task, 30 if quick else LONG_BUDGETS[task][0], seeds_of(task, quick), best, value] + [
+            f"{sched[s]['value']:.4g} (lr {sched[s]['best_lr']:g})" if s in sched else "—" for s in SCHEDULES[1:]])
+    lines += ["## Tuned AdamW", "", markdown_table(
+        ["scenario", "steps", "seeds", "best linear LR", "its value", "best constant", "best warm-up + cosine"],
+        rows), ""]
+    done = len(table)
+    lines += [f"## All methods: mean rank over the {done} finished cells (of {4 * len(SCENARIOS)})", ""]
+    ranks = summary["mean_ranks"]
+    lines += [markdown_table(["method", "mean rank"], [[m, f"{r:.2f}"] for m, r in sorted(ranks.items(),
+                                                                                        key=lambda x: x[1])]), ""]
+    for task in SCENARIOS:
+        task_cells = {lr: e for (t, lr), e in table.items() if t == task}
+        if not task_cells:
+            continue
+        methods = list(next(iter(task_cells.values())))
+        header = ["method"] + [f"from {lr / tuned[task][0]:g}× best" for lr in task_cells]
+        body = [[m] + [f"{e[m]:.4g} ({pct(e[m] / tuned[task][1] - 1)})" for e in task_cells.values()]
+                for m in methods]
+        lines += [f"### {task} (tuned: {tuned[task][1]:.4g} at lr {tuned[task][0]:g})", "",
+                  markdown_table(header, body), ""]
+    lines += ["## The rule", "", "Stage 1 (small tasks, candidates only): " + (", ".join(
+        f"{n} {r:.2f}" for n, r in sorted(summary["stage1"].items(), key=lambda x: x[1])) or "not finished") + "."]
+    if summary["finalists"]:
+        lines += ["", f"Finalists: {', '.join(summary['finalists'])}. Stage 2 over {summary['stage2_cells']} of "
+                  f"{4 * len(SCENARIOS)} cells: " + (", ".join(
+                      f"{n} {r:.2f}" for n, r in sorted(summary["stage2"].items(), key=lambda x: x[1])) or "—") + "."]
+    lines += ["", f"**Winner by the rule: {summary['winner'] or 'not decided yet (stage 2 unfinished)'}**", "",
+              "## Targets (over the finished cells)", ""]
+    for method, result in summary["targets"].items():
+        if not result["scenarios"]:
+            continue
+        met = "; ".join(f"{k}: **{'met' if v else 'not met'}**" for k, v in result["met"].items() if v is not None)
+        at_best = ", ".join(f"{t} {pct(c)}" for t, c in result["change_at_best_lr"].items())
+        lines.append(f"- `{method}` ({result['scenarios']} scenarios): {met}. At the best LR: {at_best}."
+                     + (" LR at 10% of the run vs its end: " + ", ".join(
+                         f"{k} {v:.2f}×" if v else f"{k} —" for k, v in result["lr_within_2x_by_10pct"].items())
+                        if result["lr_within_2x_by_10pct"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def plot(output_dir: Path, summary: dict) -> Path | None:
+    """Per scenario: each method's cell value over tuned AdamW-linear's, against the initial LR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in SCENARIOS if any(k[0] == t for k in summary["cells"])]
+    if not tasks:
+        return None
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        best, value = summary["tuned"][task]
+        task_cells = sorted((lr, e) for (t, lr), e in summary["cells"].items() if t == task)
+        for method in task_cells[0][1]:
+            xs = [lr / best for lr, _ in task_cells]
+            ys = [min(e[method] / value, 1e3) for _, e in task_cells]
+            style = "-o" if method.startswith("apo_") else "--x"
+            axis.plot(xs, ys, style, label=method, linewidth=2 if method.startswith("apo_") else 1)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set(xscale="log", yscale="log", title=task, xlabel="initial LR / best AdamW-linear LR")
+    axes[0][0].set_ylabel("final value / tuned AdamW-linear")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    path = output_dir / "apo_lr_peers.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_report(output_dir: Path, quick: bool) -> dict:
+    from benchmarks.common import environment, write_json
+
+    summary = summarize(output_dir, quick)
+    by_task = summary.pop("by_task")
+    (output_dir / "apo_lr_peers.md").write_text(markdown(summary, quick))
+    serializable = {**summary, "cells": [{"task": t, "lr": lr, **e} for (t, lr), e in summary["cells"].items()],
+                    "environment": environment(), "runs": {t: sum(len(v) for v in by.values())
+                                                           for t, by in by_task.items()}}
+    write_json(output_dir / "apo_lr_peers.json", serializable)
+    plot(output_dir, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------
+def run_command(args) -> None:
+    torch.set_num_threads(args.threads)
+    for task in args.tasks:
+        sweep = TaskSweep(task, args.output_dir, args.quick)
+        if args.phase in ("baselines", "all"):
+            run_baselines(sweep)
+        if args.phase in ("candidates", "all"):
+            names = args.candidates or (list(CANDIDATES) if args.stage == 1 or args.quick
+                                        else finalists(args.output_dir, args.quick))
+            run_candidates(sweep, names)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a phase on some scenarios")
+    run.add_argument("--tasks", nargs="+", choices=SCENARIOS, required=True)
+    run.add_argument("--phase", choices=("baselines", "candidates", "all"), required=True)
+    run.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    run.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), help="only these (default: the stage's)")
+    report = sub.add_parser("report", help="apply the rule to the finished runs; write the tables and plots")
+    for p in (run, report):
+        p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+        p.add_argument("--quick", action="store_true", help="30 steps, 1 seed: checks that the script runs")
+        p.add_argument("--threads", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.command == "run":
+        run_command(args)
+    else:
+        write_report(args.output_dir, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""LoRA fine-tuning with APO through the Trainer and PEFT: a small pretrained causal LM adapted to a new task.
+
+The decoder-only analogue of ``benchmarks/finetune.py`` (whose helpers it imports):
+
+1. *Data*: the translation example's number words (``examples/translation/offline_default.py``) and its BPE tokenizer
+   (both languages), one causal sequence per pair: ``<s> {source} = {target} </s>``, with labels -100 on the prompt
+   ``<s> {source} =`` and on padding. The corpus has no "=", so the tokenizer spells it "▁" "<unk>": a separator that
+   occurs nowhere else.
+2. *Pretraining* (cached): a ``LlamaForCausalLM`` (hidden 128, 2 layers, 4 heads, MLP 256, untied embeddings) built
+   from scratch with seed 0 and fully trained on English → German through ``APOTrainer`` with ``apo="none"`` (AdamW lr
+   3e-3, 50 warmup steps then linear decay, batch 64, 600 steps: about 2 min on one CPU thread, en→de eval loss
+   0.002, and greedy decoding exact on the validation pairs looked at). The checkpoint goes to
+   ``<tmp>/hf_apo_benchmarks/lora_pretrained`` with a ``COMPLETE`` marker holding a hash of the settings, and is
+   reused while the hash matches.
+3. *Fine-tuning* (:func:`lora_run`), a different task: German → English, trained on the training split's pairs
+   reversed and evaluated on the first 500 validation pairs reversed. The model is wrapped by ``peft.get_peft_model``
+   (LoRA r 8, alpha 16 on every attention and MLP projection; embeddings and ``lm_head`` frozen) and trained by
+   ``APOTrainer`` with the Trainer's defaults a user keeps (linear decay, no warmup, ``adamw_torch`` unless the
+   trainer arguments say otherwise), batch 32. It records what ``finetune.finetune_run`` records. A first look (seed 0,
+   AdamW, 150 steps): de→en eval loss 11.17 at step 0, then 7.34 at lr 1e-4, 3.26 at 1e-3, 2.27 at 1e-2, 3.72 at 3e-2
+   and 3.61 at 1e-1; 1.96 after 300 steps at 1e-2.
+
+Each finished run is appended as one JSON line to ``--out``; runs already there (same config name, learning rate,
+seed and steps) are skipped, so a killed sweep resumes where it stopped.
+
+Usage::
+
+    python benchmarks/lora.py --lrs 1e-4 1e-3 1e-2 --seeds 0 1 2 \\
+        --configs '{"adamw": {"apo": "none"}, "apo_lr": {"apo": "lr"}}' --steps 300 \\
+        --out benchmarks/results/lora_runs.jsonl          # about 45 s per run on one CPU thread
+    python benchmarks/lora.py --quick --out /tmp/lora_quick.jsonl   # seconds: tests/test_lora_benchmark.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import peft
+import torch
+import transformers
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PrinterCallback
+
+from benchmarks.common import DEFAULT_OUTPUT_DIR, _jsonable, environment
+from benchmarks.finetune import CACHE_ROOT, EVAL_PAIRS, load_pairs, offline_default, quiet, read_rows, run_key
+from hf_apo import APOTrainer, APOTrainingArguments
+
+MODEL = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+         "max_position_embeddings": 128, "tie_word_embeddings": False}
+PRETRAIN = {"steps": 600, "learning_rate": 3e-3, "warmup_steps": 50, "batch_size": 64, "seed": 0}
+QUICK_PRETRAIN = {**PRETRAIN, "steps": 60}
+LORA = {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+DEFAULT_CONFIGS = {"adamw": {"apo": "none"}, "apo_lr": {"apo": "lr"}}
+
+
+def encode(tokenizer, pairs: list[dict], source: str, target: str) -> list[dict]:
+    """Causal features ``<s> {source} = {target} </s>``; ``labels`` are -100 on the prompt (unpadded lists)."""
+    prompts = tokenizer([f"{p[source]} =" for p in pairs], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([p[target] for p in pairs], add_special_tokens=False)["input_ids"]
+    features = []
+    for prompt, answer in zip(prompts, answers):
+        prompt, answer = [tokenizer.bos_token_id] + prompt, answer + [tokenizer.eos_token_id]
+        features.append({"input_ids": prompt + answer, "attention_mask": [1] * (len(prompt) + len(answer)),
+                         "labels": [-100] * len(prompt) + answer})
+    return features
+
+
+def trainer_for(model, tokenizer, args, train, evaluation, optimizer=None) -> APOTrainer:
+    # pads input_ids with <pad> and labels with -100 (the features carry their own labels: no model needed)
+    collator = DataCollatorForSeq2Seq(tokenizer, model=None, label_pad_token_id=-100)
+    trainer = APOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
+                         optimizers=(optimizer, None))
+    trainer.remove_callback(PrinterCallback)  # each log dict printed to stdout
+    return trainer
+
+
+def lora_model(pretrained_dir: str | Path) -> peft.PeftModel:
+    """The pretrained model wrapped for LoRA; only the adapters train (asserted)."""
+    model = peft.get_peft_model(LlamaForCausalLM.from_pretrained(pretrained_dir), peft.LoraConfig(**LORA))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable), trainable
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pretraining (English → German, full fine-tuning), cached
+# ---------------------------------------------------------------------------------------------------------------
+def pretrained_checkpoint(cache_dir: Path, settings: dict) -> dict:
+    """Pretrain (or reuse) the en→de model in ``cache_dir``; returns its record (``pretrain.json``)."""
+    fingerprint = json.dumps({**settings, "model": MODEL, "corpus": offline_default.cache_fingerprint(),
+                              "eval_pairs": EVAL_PAIRS, "torch": torch.__version__,
+                              "transformers": transformers.__version__}, sort_keys=True)
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()
+    marker, record_file = cache_dir / "COMPLETE", cache_dir / "pretrain.json"
+    if marker.is_file() and marker.read_text().strip() == digest and record_file.is_file():
+        return json.loads(record_file.read_text())
+
+    print(f"pretraining en→de for {settings['steps']} steps into {cache_dir}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    model_dir = offline_default.prepare(str(CACHE_ROOT / "offline_translation")).model_dir
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(settings["seed"])
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         **MODEL))
+    src, tgt = offline_default.SOURCE_LANG, offline_default.TARGET_LANG
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = APOTrainingArguments(
+            output_dir=output_dir, apo="none", max_steps=settings["steps"], seed=settings["seed"],
+            per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=100,
+            learning_rate=settings["learning_rate"], warmup_steps=settings["warmup_steps"], lr_scheduler_type="linear",
+            optim="adamw_torch", logging_steps=max(1, settings["steps"] // 10), save_strategy="no", report_to="none",
+            use_cpu=True, disable_tqdm=True)
+        trainer = trainer_for(model, tokenizer, args, encode(tokenizer, load_pairs("train"), src, tgt),
+                              encode(tokenizer, load_pairs("validation")[:EVAL_PAIRS], src, tgt))
+        trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    model.save_pretrained(cache_dir)
+    tokenizer.save_pretrained(cache_dir)
+    record = {"dir": str(cache_dir), "settings_sha256": digest, "settings": settings, "eval_loss_en_de": eval_loss,
+              "train_losses": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+              "wall_s": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads()}
+    record_file.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+    marker.write_text(digest + "\n")
+    print(f"pretrained in {record['wall_s']} s, en→de eval loss {eval_loss:.4f}", file=sys.stderr, flush=True)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA fine-tuning (German → English)
+# ---------------------------------------------------------------------------------------------------------------
+def lora_run(learning_rate: float, seed: int, trainer_args: dict, steps: int = 300, *,
+             pretrained_dir: str | Path = CACHE_ROOT / "lora_pretrained", eval_steps: int = 25,
+             logging_steps: int = 10, eval_pairs: int = EVAL_PAIRS, optimizer_builder=None) -> dict:
+    """LoRA-fine-tune the pretrained checkpoint on de→en with ``APOTrainer``; ``trainer_args`` pass through as is.
+
+    ``optimizer_builder(model)``, if given, returns a torch optimizer over the PEFT model's trainable parameters; the
+    Trainer puts its own schedule on it. Returns the keys of ``finetune.finetune_run``: ``final_eval_loss``; the eval
+    curve ``eval_steps``/``eval_losses`` (from step 0); the logged ``train_steps``/``train_losses``; per training log
+    ``lr_multiplier`` (empty without APO) and ``learning_rates``; ``wall_s`` and ``diverged``.
+    """
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_dir)
+    model = lora_model(pretrained_dir)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    src, tgt = offline_default.TARGET_LANG, offline_default.SOURCE_LANG  # reversed: German → English
+    train = encode(tokenizer, load_pairs("train"), src, tgt)
+    evaluation = encode(tokenizer, load_pairs("validation")[:eval_pairs], src, tgt)
+    with tempfile.TemporaryDirectory() as output_dir:
+        settings = dict(
+            output_dir=output_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=learning_rate,
+            seed=seed, lr_scheduler_type="linear", warmup_steps=0, eval_strategy="steps", eval_steps=eval_steps,
+            logging_steps=logging_steps, save_strategy="no", report_to="none", use_cpu=True, optim="adamw_torch",
+            per_device_eval_batch_size=100, disable_tqdm=True,
+            logging_nan_inf_filter=False,  # a diverged run must log its NaN, not the previous average
+        )
+        args = APOTrainingArguments(**{**settings, **trainer_args})  # may set apo*, optim, the schedule, ...
+        optimizer = optimizer_builder(model) if optimizer_builder else None
+        trainer = trainer_for(model, tokenizer, args, train, evaluation, optimizer)
+        # step 0: the pretrained model on the new task (kept here: train() starts a new log history)
+        initial = trainer.evaluate()["eval_loss"]
+        trainer.train()
+        if not any(h.get("step") == steps and "eval_loss" in h for h in trainer.state.log_history):
+            trainer.evaluate()
+    # the base model must not have moved: only the adapters train
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+    history = trainer.state.log_history
+    evals = [(0, initial)] + [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    logs = [h for h in history if "loss" in h]
+    losses = [h["loss"] for h in logs] + [loss for _, loss in evals]
+    return {
+        "final_eval_loss": evals[-1][1],
+        "eval_steps": [s for s, _ in evals],
+        "eval_losses": [loss for _, loss in evals],
+        "train_steps": [h["step"] for h in logs],
+        "train_losses": [h["loss"] for h in logs],
+        "lr_multiplier": [h["apo/lr_multiplier"] for h in logs if "apo/lr_multiplier" in h],
+        # "learning_rates", not "learning_rate": a row's "learning_rate" is the run's initial learning rate
+        "learning_rates": [h.get("apo/learning_rate", h.get("learning_rate")) for h in logs],
+        "wall_s": round(time.perf_counter() - started, 2),
+        "diverged": not all(math.isfinite(v) for v in losses),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", type=json.loads, default=DEFAULT_CONFIGS,
+                        help="JSON object: config name -> keyword arguments of APOTrainingArguments (apo*, optim, ...)")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUTPUT_DIR / "lora_runs.jsonl")
+    parser.add_argument("--pretrained_dir", type=Path, default=None,
+                        help="checkpoint cache (default <tmp>/hf_apo_benchmarks/lora_pretrained[_quick])")
+    parser.add_argument("--pretrain_steps", type=int, default=None, help=f"default {PRETRAIN['steps']}")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps a shared machine's noise "
+                        "low)")
+    parser.add_argument("--quick", action="store_true", help="seconds: pretrain 60 steps, fine-tune 20 steps, "
+                        "the first seed and the largest learning rate, 100 eval pairs")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quiet()
+    settings = dict(QUICK_PRETRAIN if args.quick else PRETRAIN)
+    if args.pretrain_steps is not None:
+        settings["steps"] = args.pretrain_steps
+    pretrained_dir = args.pretrained_dir or CACHE_ROOT / ("lora_pretrained_quick" if args.quick else "lora_pretrained")
+    pretrained = pretrained_checkpoint(pretrained_dir, settings)
+    lrs, seeds, steps, run_options = args.lrs, args.seeds, args.steps, {}
+    if args.quick:
+        lrs, seeds, steps = [max(args.lrs)], args.seeds[:1], 20
+        run_options = {"eval_steps": 10, "logging_steps": 5, "eval_pairs": 100}
+
+    info = environment()
+    existing = {run_key(row): row for row in read_rows(args.out)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows, skipped = [], 0
+    for name, trainer_args in args.configs.items():
+        for lr in lrs:
+            for seed in seeds:
+                key = (name, float(lr), seed, steps)
+                if key in existing:
+                    if existing[key]["trainer_args"] != trainer_args:
+                        print(f"warning: {key} is in {args.out} with trainer_args {existing[key]['trainer_args']}, "
+                              f"not {trainer_args}; skipped anyway (rename the config to run it)", file=sys.stderr)
+                    skipped += 1
+                    continue
+                result = lora_run(lr, seed, trainer_args, steps, pretrained_dir=pretrained_dir, **run_options)
+                row = {"config": name, "trainer_args": trainer_args, "learning_rate": lr, "seed": seed,
+                       "steps": steps, **result, "quick": args.quick, "lora": LORA,
+                       "pretrained": {k: pretrained[k] for k in ("settings_sha256", "settings", "eval_loss_en_de")},
+                       "environment": {**info, "load_average_at_end": list(os.getloadavg())}}
+                with open(args.out, "a", encoding="utf-8") as writer:
+                    writer.write(json.dumps(_jsonable(row), allow_nan=False) + "\n")
+                rows.append(row)
+                print(f"{name} lr={lr:g} seed={seed}: eval loss {result['eval_losses'][0]:.4f} -> "
+                      f"{result['final_eval_loss']:.4f} in {result['wall_s']:.1f} s"
+                      + (" (diverged)" if result["diverged"] else ""), file=sys.stderr, flush=True)
+    if skipped:
+        print(f"{skipped} run(s) already in {args.out}: skipped", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
