@@ -13,8 +13,14 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 APO_MODES = ("none", "lr", "precond")
-# --optim values whose torch optimizer APO-LR can wrap (its step must be linear in the learning rate).
-APO_LR_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "rmsprop")
+# --optim values whose optimizer APO-LR can wrap: its step is linear in the learning rate and its state does not
+# depend on it (hf_apo/linear_lr.py says why for each class, and tests/test_linear_lr.py checks it).
+APO_LR_OPTIMS = (
+    "adamw_torch", "adamw_torch_fused", "sgd", "rmsprop", "adagrad", "adafactor",  # torch, transformers
+    "adamw_torch_4bit", "adamw_torch_8bit",  # torchao
+    "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit",  # bitsandbytes
+    "paged_lion_8bit", "paged_lion_32bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+)
 # --optim values APO-Precond preconditions: AdamW's direction m̂/(√v̂ + ε), or SGD's gradient before its momentum.
 APO_PRECOND_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")
 APO_LOSS_BATCHES = ("same", "next")
@@ -75,7 +81,8 @@ class APOArgumentsMixin:
         default="none",
         metadata={
             "help": "Amortized Proximal Optimization: 'none' (the parent Trainer, unchanged), 'lr' (meta-learn the "
-            "learning rate of --optim: adamw_torch, adamw_torch_fused, sgd or rmsprop) or 'precond' (meta-learn a "
+            "learning rate of --optim: adamw_torch(_fused), sgd, rmsprop, adagrad, adafactor, torchao's and "
+            "bitsandbytes' low-bit AdamW and Lion) or 'precond' (meta-learn a "
             "per-layer Kronecker preconditioner of --optim's direction: adamw_torch, adamw_torch_fused or sgd).",
             "choices": list(APO_MODES),
         },
@@ -283,8 +290,9 @@ class APOArgumentsMixin:
             optim = str(self.optim)
         if self.apo == "lr" and optim not in APO_LR_OPTIMS:
             raise ValueError(
-                f"--apo lr wraps a torch optimizer whose step is linear in the learning rate; --optim {optim} is not "
-                f"supported. Use --optim one of: {', '.join(APO_LR_OPTIMS)}."
+                f"--apo lr wraps an optimizer whose step is linear in the learning rate (and whose state does not "
+                f"depend on it); --optim {optim} is not one (schedule-free optimizers are not). Use --optim one of: "
+                f"{', '.join(APO_LR_OPTIMS)}."
             )
         if self.apo == "precond" and optim not in APO_PRECOND_OPTIMS:
             raise ValueError(

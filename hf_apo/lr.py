@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 
+from .linear_lr import check_linear_in_lr
 from .meta import MetaLearnedOptimizer, all_reduce_sum, shard_group
 from .objective import ProximalObjective, local_tensor
 
@@ -89,7 +90,9 @@ class APOLR(MetaLearnedOptimizer):
 
     Args:
         params_or_optimizer: parameters / parameter groups (the base optimizer is then built from ``base`` and
-            ``base_kwargs``) or an already built ``SGD``, ``RMSprop``, ``Adam`` or ``AdamW`` to wrap.
+            ``base_kwargs``) or an already built optimizer whose step is linear in the LR and whose state does not
+            depend on it (:data:`hf_apo.linear_lr.REGISTRY`: torch's SGD, RMSprop, Adam, AdamW, NAdam, Adamax,
+            Adagrad, transformers' Adafactor with a fixed LR, bitsandbytes' and torchao's low-bit AdamW / Lion).
         objective: the proximal meta-objective; required when ``meta_lr > 0``.
         base: ``"sgd"``, ``"rmsprop"``, ``"adam"`` or ``"adamw"`` (ignored when an optimizer is passed).
         meta_interval: a meta step every this many optimizer steps (K).
@@ -136,11 +139,7 @@ class APOLR(MetaLearnedOptimizer):
             if base not in BASE_OPTIMIZERS:
                 raise ValueError(f"base must be one of {sorted(BASE_OPTIMIZERS)}, got {base!r}.")
             base_optimizer = BASE_OPTIMIZERS[base](params_or_optimizer, **base_kwargs)
-        if not isinstance(base_optimizer, tuple(BASE_OPTIMIZERS.values())):
-            raise ValueError(
-                f"APO-LR wraps torch.optim.SGD, RMSprop, Adam or AdamW, whose step is linear in the learning rate; "
-                f"got {type(base_optimizer).__name__}."
-            )
+        check_linear_in_lr(base_optimizer)  # ValueError naming what is supported (hf_apo/linear_lr.py)
         if meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"meta_optimizer must be one of {', '.join(META_OPTIMIZERS)}, got {meta_optimizer!r}.")
         low, high = (float(x) for x in log_lr_range)
@@ -174,7 +173,7 @@ class APOLR(MetaLearnedOptimizer):
         scheduled = [group["lr"] for group in self.param_groups]
         for group, multiplier in zip(self.param_groups, multipliers):
             if multiplier != 1.0:
-                group["lr"] = group["lr"] * multiplier
+                group["lr"] = group["lr"] * multiplier  # a new tensor where the LR is one (torchao): restored below
         try:
             self.base_optimizer.step()
         finally:
@@ -194,10 +193,10 @@ class APOLR(MetaLearnedOptimizer):
         lr 2e-3): with increases allowed, the multiplier reached 1.9 by step 75 and the model stalled on a plateau
         (eval loss 0.78 against 0.003). Decreases stay allowed: a too-large LR must come down during the warm-up.
         """
-        scheduled = [group["lr"] for group in self.param_groups]
+        scheduled = [float(group["lr"]) for group in self.param_groups]  # a copy: torchao's LR is a tensor, filled
         if self._previous_scheduled_lrs is None:
             # torch schedulers keep group["initial_lr"]: a schedule that starts below it starts with a warm-up
-            rises = any(group["lr"] < group.get("initial_lr", group["lr"]) for group in self.param_groups)
+            rises = any(now < float(group.get("initial_lr", now)) for now, group in zip(scheduled, self.param_groups))
         else:
             rises = any(now > before for now, before in zip(scheduled, self._previous_scheduled_lrs))
         self._previous_scheduled_lrs = scheduled
@@ -436,7 +435,7 @@ class APOLR(MetaLearnedOptimizer):
         if len(multipliers) > 1:
             for index, multiplier in enumerate(multipliers):
                 metrics[f"apo/lr_multiplier_group{index}"] = multiplier
-        metrics["apo/learning_rate"] = self.param_groups[0]["lr"] * multipliers[0]
+        metrics["apo/learning_rate"] = float(self.param_groups[0]["lr"]) * multipliers[0]
         return metrics
 
 

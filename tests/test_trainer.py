@@ -42,7 +42,7 @@ def apo_logs(trainer):
     "apo, optim",
     [("lr", {"optim": "adamw_torch"}), ("lr", {"optim": "sgd", "optim_args": "momentum=0.9"}),
      ("lr", {"optim": "rmsprop"}), ("precond", {"optim": "sgd", "optim_args": "momentum=0.9"}),
-     ("precond", {"optim": "adamw_torch"})],
+     ("precond", {"optim": "adamw_torch"}), ("lr", {"optim": "adafactor"}), ("lr", {"optim": "adagrad"})],
 )
 def test_meta_lr_zero_equals_parent_trainer(tmp_path, apo, optim):
     parent = Seq2SeqTrainer(
@@ -171,7 +171,7 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
 @pytest.mark.parametrize(
     "overrides, flag",
     [
-        ({"apo": "lr", "optim": "adafactor"}, "--optim"),
+        ({"apo": "lr", "optim": "schedule_free_adamw"}, "--optim schedule_free_adamw is not one"),
         ({"apo": "precond", "optim": "adafactor"}, "--optim one of: adamw_torch, adamw_torch_fused, sgd"),
         ({"apo": "precond", "apo_lookahead_steps": 3}, "--apo_lookahead_steps > 1 follows SGD's momentum"),
         ({"apo": "precond", "optim": "sgd", "apo_meta_optimizer": "rprop"}, "--apo lr's"),
