@@ -18,7 +18,8 @@ Where APO hooks into the training loop:
   built and swaps the optimizer's parameters for their shards; the optimizers work on the shards (see
   :mod:`hf_apo.meta`). Torch's distributed optimizer state dict keeps only the per-parameter state and drops APO's,
   so each rank saves its whole optimizer state, shards and APO state, to ``apo_optimizer_rank{R}.pt``: a checkpoint
-  resumes with the same number of processes.
+  resumes with the same number of processes. The file holds the shards as plain local tensors with their placements
+  (:mod:`hf_apo.checkpoint`) and loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from transformers.trainer import SCHEDULER_NAME, get_fsdp_ckpt_kwargs
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .apo_config import DEEPSPEED_REFUSAL, APOArgumentsMixin, check_apo_fsdp
+from .checkpoint import load_local_shards, safe_load, save_local_shards
 from .lr import APOLR
 from .meta import MetaLearnedOptimizer, shard_group
 from .objective import ProximalObjective, get_output, is_sharded
@@ -197,7 +199,9 @@ class APOTrainerMixin:
         save_fsdp_model(
             self.accelerator.state.fsdp_plugin, self.accelerator, self.model, output_dir, **get_fsdp_ckpt_kwargs()
         )
-        torch.save(self.apo_optimizer.state_dict(), self._apo_optimizer_file(output_dir))
+        # Plain local shards and their placements, no DTensor: resuming loads it with weights_only=True.
+        save_local_shards(self.apo_optimizer.state_dict(), self._apo_optimizer_file(output_dir),
+                          process_index=self.args.process_index, world_size=self.args.world_size)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
@@ -210,10 +214,14 @@ class APOTrainerMixin:
                 f"{path} is missing: an --apo run under FSDP2 resumes from a checkpoint it wrote itself, with the same "
                 "number of processes (each rank saves its own shards and APO state)."
             )
-        # Written by this rank in _save_optimizer_and_scheduler; it holds DTensors, which weights_only refuses.
+        # Both files are read with weights_only=True, and checked, before either state is loaded: a refused file
+        # (RefusedCheckpointError, naming it) leaves the optimizer and the scheduler untouched.
         device = "cpu" if self.args.device.type == "cpu" else self.args.device  # torch cannot map to "cpu:0"
-        self.apo_optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=False))
-        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+        optimizer_state = load_local_shards(path, self.apo_optimizer.all_params(), map_location=device,
+                                            process_index=self.args.process_index, world_size=self.args.world_size)
+        scheduler_state = safe_load(os.path.join(checkpoint, SCHEDULER_NAME))
+        self.apo_optimizer.load_state_dict(optimizer_state)
+        self.lr_scheduler.load_state_dict(scheduler_state)
 
     # -- logging --------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

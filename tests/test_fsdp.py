@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from helpers_subprocess import environment, result, train
+from test_checkpoint_safety import leaf_types, load_with_default_globals_only
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the benchmarks beside the package
 from benchmarks.fsdp_gpu_check import VARIANTS as GPU_CHECK_VARIANTS  # noqa: E402
@@ -133,6 +134,12 @@ def test_trainer_fsdp2_sigkill_then_resume_is_bitwise_equal(trainer_runs, tmp_pa
     assert killed.returncode != 0
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
     assert {"apo_optimizer_rank0.pt", "apo_optimizer_rank1.pt"} <= set(os.listdir(tmp_path / "checkpoint-4"))
+    for rank in (0, 1):  # plain local shards and data: they load with torch's default weights-only allowlist
+        saved = load_with_default_globals_only(tmp_path / "checkpoint-4" / f"apo_optimizer_rank{rank}.pt")
+        assert leaf_types(saved) <= {torch.Tensor, int, float, bool, str, type(None)}
+        assert saved["process_index"] == rank and saved["world_size"] == 2
+        # APO-LR's AdamW keeps DTensor moments, saved as shards; APO-Precond keeps its momentum as local tensors.
+        assert bool(saved["dtensors"]) == (variant != "precond")
     train(tmp_path, *args, "--resume_from_checkpoint", tmp_path / "checkpoint-4", processes=2, extra_env=OPT_IN)
     for rank in (0, 1):
         straight, resumed = result(root / "fsdp", rank), result(tmp_path, rank)
