@@ -83,12 +83,18 @@ WARMUP_FRACTION = 0.05  # Schedule-Free AdamW's warm-up
 
 # APO-LR over AdamW: the next-batch objective, horizon 10,000, λ 0, K 10, meta_lr 0.1 (hf_apo's default), and the
 # mechanisms of issue 17: Rprop's sign-agreement step sizes on φ, meta steps every step while φ keeps moving one way.
-_OBJECTIVE = dict(loss_batch="next", lambda_fsd=0.0, lambda_wsd=0.0, horizon=10_000.0, meta_interval=10, meta_lr=0.1)
+_OBJECTIVE = dict(loss_batch="next", lambda_fsd=0.0, lambda_wsd=0.0, horizon=10_000.0, meta_interval=10, meta_lr=0.1,
+                  max_meta_step=1.0)
 CANDIDATES: dict[str, dict] = {name: {**_OBJECTIVE, **settings} for name, settings in {
     "adam_k10": dict(meta_optimizer="adam", adaptive_interval=False),  # the current default
     "rprop_k10": dict(meta_optimizer="rprop", adaptive_interval=False),
     "adam_adaptive": dict(meta_optimizer="adam", adaptive_interval=True),
     "rprop_adaptive": dict(meta_optimizer="rprop", adaptive_interval=True),
+    # Added while stage 1 ran (the rule unchanged): on digits_classification from best/100 the Rprop candidates drove
+    # the multiplier to ×7,000-22,000 by step ~1,200 (a factor e per meta step at the bound) and the model diverged
+    # (validation loss 18-168) before the meta-gradient flipped. The same with the step bounded at 0.2 (×1.22).
+    "rprop_k10_max0.2": dict(meta_optimizer="rprop", adaptive_interval=False, max_meta_step=0.2),
+    "rprop_adaptive_max0.2": dict(meta_optimizer="rprop", adaptive_interval=True, max_meta_step=0.2),
 }.items()}
 CURRENT_DEFAULT = "adam_k10"
 FINALISTS_FROM_STAGE_1 = 2
@@ -141,7 +147,7 @@ def trainer_args(candidate: str) -> dict:
     return {"apo": "lr", "apo_loss_batch": s["loss_batch"], "apo_lambda_fsd": s["lambda_fsd"],
             "apo_lambda_wsd": s["lambda_wsd"], "apo_meta_interval": s["meta_interval"], "apo_meta_lr": s["meta_lr"],
             "apo_horizon": s["horizon"], "apo_meta_optimizer": s["meta_optimizer"],
-            "apo_adaptive_interval": s["adaptive_interval"]}
+            "apo_adaptive_interval": s["adaptive_interval"], "apo_max_meta_step": s["max_meta_step"]}
 
 
 def cosine_lrs(task: str, best: float) -> tuple[float, ...]:
@@ -266,7 +272,7 @@ def ordered_by_rule(scores: dict[str, float]) -> list[str]:
     """Candidates by mean rank; within TIE of the best: the current default, then fewer mechanisms changed."""
     def changes(name: str) -> tuple[int, int]:
         s = CANDIDATES[name]
-        return (s["meta_optimizer"] != "adam", s["adaptive_interval"])
+        return (s["meta_optimizer"] != "adam", s["adaptive_interval"], s["max_meta_step"] != 1.0)
 
     ordered = sorted(scores, key=lambda n: scores[n])
     tied = [n for n in ordered if scores[n] <= scores[ordered[0]] + TIE]

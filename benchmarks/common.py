@@ -39,7 +39,8 @@ def apo_lr_defaults() -> dict[str, Any]:
     settings = APO_DEFAULTS[("lr", loss_batch)]
     return {"loss_batch": loss_batch, "lambda_fsd": settings["apo_lambda_fsd"], "horizon": settings["apo_horizon"],
             "meta_interval": settings["apo_meta_interval"], "meta_lr": settings["apo_meta_lr"],
-            "meta_optimizer": settings["apo_meta_optimizer"], "adaptive_interval": settings["apo_adaptive_interval"]}
+            "meta_optimizer": settings["apo_meta_optimizer"], "adaptive_interval": settings["apo_adaptive_interval"],
+            "max_meta_step": settings["apo_max_meta_step"]}
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class MethodSpec:
     stochastic_rounding: bool = True
     meta_optimizer: str = "adam"
     adaptive_interval: bool = False
+    max_meta_step: float = 1.0
 
     @property
     def is_apo(self) -> bool:
@@ -121,7 +123,8 @@ def build_optimizer(
             meta["meta_lr"] = spec.meta_lr
         if spec.kind == "apo_lr":
             optimizer = APOLR(params, objective, base="adamw", lr=spec.lr, weight_decay=wd, **meta,
-                              meta_optimizer=spec.meta_optimizer, adaptive_interval=spec.adaptive_interval)
+                              meta_optimizer=spec.meta_optimizer, adaptive_interval=spec.adaptive_interval,
+                              max_meta_step=spec.max_meta_step)
         else:
             optimizer = APOPrecond(
                 params, objective, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,

@@ -34,14 +34,14 @@ DEEPSPEED_REFUSAL = (
     "one GPU, use FSDP2 instead: --fsdp full_shard --fsdp_config '{\"version\": 2}'. Or drop --deepspeed, or use "
     "--apo none."
 )
-_LR_META_STEP = {"apo_meta_optimizer": "adam", "apo_adaptive_interval": False}
+_LR_META_STEP = {"apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0}
 APO_DEFAULTS = {
     ("lr", "next"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 10_000.0,
                      **_LR_META_STEP},
     ("lr", "same"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0,
                      **_LR_META_STEP},
     ("precond", "same"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0,
-                          "apo_meta_optimizer": "adam", "apo_adaptive_interval": False},
+                          "apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0},
 }
 
 
@@ -141,6 +141,13 @@ class APOArgumentsMixin:
             "step) or 'rprop' (sign-agreement step sizes: the step starts at --apo_meta_lr, grows x1.2 while the "
             "meta-gradient keeps its sign and halves when it flips, within [1e-3, 1]). Default: adam.",
             "choices": list(APO_LR_META_OPTIMIZERS),
+        },
+    )
+    apo_max_meta_step: float | None = field(
+        default=None,
+        metadata={
+            "help": "--apo lr --apo_meta_optimizer rprop: the largest change of the log learning rate in one meta step "
+            "(1.0: a factor e). >= 0.001. Default: 1.0."
         },
     )
     apo_adaptive_interval: bool | None = field(
@@ -260,6 +267,8 @@ class APOArgumentsMixin:
                 f"--apo_meta_optimizer must be one of {', '.join(APO_LR_META_OPTIMIZERS)}; got "
                 f"{self.apo_meta_optimizer!r}."
             )
+        if self.apo_max_meta_step is not None and not self.apo_max_meta_step >= 1e-3:
+            raise ValueError(f"--apo_max_meta_step must be >= 0.001; got {self.apo_max_meta_step!r}.")
         if self.apo == "precond" and (self.apo_meta_optimizer not in (None, "adam") or self.apo_adaptive_interval):
             raise ValueError(
                 "--apo_meta_optimizer rprop and --apo_adaptive_interval are --apo lr's (a learning rate's meta step); "

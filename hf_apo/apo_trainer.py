@@ -132,7 +132,8 @@ class APOTrainerMixin:
             self.optimizer = APOLR(
                 base, objective, log_lr_range=(-args.apo_lr_clamp, args.apo_lr_clamp),
                 meta_optimizer=args.apo_setting("apo_meta_optimizer"),
-                adaptive_interval=args.apo_setting("apo_adaptive_interval"), **meta,
+                adaptive_interval=args.apo_setting("apo_adaptive_interval"),
+                max_meta_step=args.apo_setting("apo_max_meta_step"), **meta,
             )
         else:
             build = APOPrecond.from_adamw if isinstance(base, torch.optim.AdamW) else APOPrecond.from_sgd

@@ -39,7 +39,7 @@ The meta step on φ (``meta_optimizer``). ``"adam"``: Adam at ``meta_lr``, so φ
 whatever the meta-gradient's size, and a c× correction of the LR takes ln(c)/meta_lr meta steps. ``"rprop"``:
 sign-agreement step sizes (``torch.optim.Rprop``, iRprop−): φ moves by a step s against the meta-gradient's sign;
 s starts at ``meta_lr``, grows ×1.2 while the sign holds and halves (without a move) when it flips, within
-[1e-3, 1]. A 100× correction then takes about 13 agreeing meta steps instead of 46, and near the right LR the
+[1e-3, ``max_meta_step``]. A 100× correction then takes about 13 agreeing meta steps instead of 46, and near the right LR the
 flips shrink s, so φ settles instead of drifting.
 
 Cadence (``adaptive_interval``). Off: a meta step every ``meta_interval`` (K) steps. On: the first meta step is at
@@ -75,7 +75,7 @@ from .objective import ProximalObjective, local_tensor
 
 META_OPTIMIZERS = ("adam", "rprop")
 RPROP_ETAS = (0.5, 1.2)  # φ's step halves when the meta-gradient flips sign and grows ×1.2 while it keeps it
-RPROP_STEP_SIZES = (1e-3, 1.0)  # at most a factor e on the LR per meta step; at least 0.1% (never frozen)
+RPROP_MIN_STEP = 1e-3  # φ's Rprop step never falls below 0.1% (never frozen); its bound above is max_meta_step
 
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -102,6 +102,7 @@ class APOLR(MetaLearnedOptimizer):
         log_lr_range: clamp of φ = log(multiplier).
         meta_betas: Adam betas of the meta-optimizer (``meta_optimizer="adam"``).
         meta_optimizer: ``"adam"`` or ``"rprop"`` (sign-agreement step sizes on φ; ``meta_lr`` is the first step).
+        max_meta_step: ``"rprop"``: the largest step of φ in one meta step (1.0: a factor e on the LR).
         adaptive_interval: meta steps every step while φ keeps moving one way, every ``meta_interval`` after a flip.
         **base_kwargs: forwarded to the base optimizer (``lr``, ``weight_decay``, ``momentum``, ...).
 
@@ -129,6 +130,7 @@ class APOLR(MetaLearnedOptimizer):
         meta_betas: tuple[float, float] = (0.9, 0.999),
         meta_optimizer: str = "adam",
         adaptive_interval: bool = False,
+        max_meta_step: float = 1.0,
         **base_kwargs: Any,
     ):
         if isinstance(params_or_optimizer, torch.optim.Optimizer):
@@ -142,6 +144,8 @@ class APOLR(MetaLearnedOptimizer):
         check_linear_in_lr(base_optimizer)  # ValueError naming what is supported (hf_apo/linear_lr.py)
         if meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"meta_optimizer must be one of {', '.join(META_OPTIMIZERS)}, got {meta_optimizer!r}.")
+        if not max_meta_step >= RPROP_MIN_STEP:
+            raise ValueError(f"max_meta_step must be >= {RPROP_MIN_STEP}, got {max_meta_step!r}.")
         low, high = (float(x) for x in log_lr_range)
         if not low <= 0 <= high:
             raise ValueError(f"log_lr_range must satisfy low <= 0 <= high, got {log_lr_range!r}.")
@@ -153,7 +157,9 @@ class APOLR(MetaLearnedOptimizer):
         self.log_lr_range = (low, high)
         self.log_lr = torch.zeros(len(self.param_groups), dtype=torch.float32)
         self.meta_optimizer_kind = meta_optimizer
-        self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.log_lr, self.meta_lr, self.meta_betas)
+        self.max_meta_step = float(max_meta_step)
+        self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.log_lr, self.meta_lr, self.meta_betas,
+                                                   self.max_meta_step)
         self.adaptive_interval = bool(adaptive_interval)
         self._multipliers = [1.0] * len(self.param_groups)
         self._cadence = _Cadence()
@@ -450,12 +456,13 @@ class _Lookahead:
     objective: torch.Tensor  # the value of those terms
 
 
-def build_meta_optimizer(kind: str, log_lr: torch.Tensor, meta_lr: float, betas) -> torch.optim.Optimizer:
-    """The optimizer of φ: Adam (steps of about ``meta_lr``) or Rprop (first step ``meta_lr``, sign-agreement sizes)."""
+def build_meta_optimizer(kind: str, log_lr: torch.Tensor, meta_lr: float, betas, max_step: float = 1.0):
+    """The optimizer of φ: Adam (steps of about ``meta_lr``) or Rprop (first step ``meta_lr``, sign-agreement sizes
+    within [1e-3, ``max_step``])."""
     lr = meta_lr or 1.0  # meta_lr 0: never stepped
     if kind == "adam":
         return torch.optim.Adam([log_lr], lr=lr, betas=betas)
-    return torch.optim.Rprop([log_lr], lr=lr, etas=RPROP_ETAS, step_sizes=RPROP_STEP_SIZES)
+    return torch.optim.Rprop([log_lr], lr=min(lr, max_step), etas=RPROP_ETAS, step_sizes=(RPROP_MIN_STEP, max_step))
 
 
 def keeps_moving(signs: list[float], previous_signs: list[float] | None) -> bool:

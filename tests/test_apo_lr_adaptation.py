@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_apo import APOLR, APOTrainingArguments, ProximalObjective
-from hf_apo.lr import RPROP_ETAS, RPROP_STEP_SIZES, keeps_moving
+from hf_apo.lr import RPROP_ETAS, RPROP_MIN_STEP, keeps_moving
 from test_reduction import round_trip
 
 
@@ -61,14 +61,16 @@ def test_rprop_corrects_a_100x_too_small_learning_rate_in_a_few_meta_steps():
     assert reached["adam"] >= 40
 
 
-def test_rprop_step_sizes_are_bounded():
-    _, optimizer = quadratic(1e-3, meta_lr=0.1, meta_optimizer="rprop", log_lr_range=(-100.0, 100.0))
+@pytest.mark.parametrize("max_meta_step", [1.0, 0.2])
+def test_rprop_step_sizes_are_bounded(max_meta_step):
+    _, optimizer = quadratic(1e-3, meta_lr=0.1, meta_optimizer="rprop", log_lr_range=(-100.0, 100.0),
+                             max_meta_step=max_meta_step)
     changes = [optimizer._apply_meta_gradient(torch.tensor([-1.0]), torch.tensor(0.0))[0] for _ in range(40)]
-    assert max(changes) == pytest.approx(RPROP_STEP_SIZES[1])
+    assert max(changes) == pytest.approx(max_meta_step)
     for i in range(40):  # alternating signs: every other step a flip, the size falls to its floor
         optimizer._apply_meta_gradient(torch.tensor([(1.0, -1.0)[i % 2]]), torch.tensor(0.0))
     state = optimizer.meta_optimizer.state[optimizer.log_lr]
-    assert float(state["step_size"]) == pytest.approx(RPROP_STEP_SIZES[0])
+    assert float(state["step_size"]) == pytest.approx(RPROP_MIN_STEP)
 
 
 def test_keeps_moving():
