@@ -1,7 +1,8 @@
 """hf_apo: Amortized Proximal Optimization (Bae et al., NeurIPS 2022) for PyTorch and Hugging Face Transformers.
 
 The optimizer core (``APOLR``, ``APOPrecond``, ``ProximalObjective``) imports torch only; the Trainer glue
-(``APOTrainer``, ``APOSeq2SeqTrainer`` and their ``*TrainingArguments``) is imported lazily with transformers.
+(``APOTrainer``, ``APOSeq2SeqTrainer`` and their ``*TrainingArguments``) is imported lazily with transformers, and
+TRL's (``APOSFTTrainer``, ``APOSFTConfig``) with trl.
 """
 
 from .factors import KroneckerFactors
@@ -38,4 +39,10 @@ def __getattr__(name):
         from . import apo_trainer
 
         return getattr(apo_trainer, name)
+    if name in ("APOSFTConfig", "APOSFTTrainer"):  # TRL's SFT with APO: needs trl
+        try:
+            from . import sft
+        except ImportError as error:
+            raise ImportError(f"hf_apo.{name} needs TRL: pip install 'hf_apo[trl]' ({error}).") from error
+        return getattr(sft, name)
     raise AttributeError(f"module 'hf_apo' has no attribute {name!r}")

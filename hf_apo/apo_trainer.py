@@ -87,8 +87,9 @@ class APOTrainerMixin:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, APOArgumentsMixin):
             raise TypeError(
-                f"{type(self).__name__} needs APOTrainingArguments or APOSeq2SeqTrainingArguments, "
-                f"got {type(self.args).__name__}."
+                f"{type(self).__name__} needs arguments with the --apo flags (APOTrainingArguments, "
+                f"APOSeq2SeqTrainingArguments or, for TRL, APOSFTConfig), got {type(self.args).__name__}: build them "
+                "from the APO class with the same fields."
             )
         if self.args.apo != "none":
             if self.optimizer is not None:
@@ -113,6 +114,12 @@ class APOTrainerMixin:
         if self.args.apo == "none" or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
+        if not any(p.requires_grad for p in opt_model.parameters()):
+            raise ValueError(
+                f"--apo {self.args.apo}: the model has no trainable parameters (a PEFT model whose adapters are frozen, "
+                "or a model loaded for inference?). Make its adapters trainable (peft: is_trainable=True) or use "
+                "--apo none."
+            )
         base = super().create_optimizer(model)
         args = self.args
         objective = ProximalObjective(
