@@ -37,9 +37,9 @@ def config(tmp_path, **apo):
                         seed=0, max_length=16, disable_tqdm=True, apo_meta_interval=2, **apo)
 
 
-@pytest.mark.parametrize("apo", [{"apo": "lr"}, {"apo": "lr", "apo_loss_batch": "same"},
-                                 {"apo": "precond", "optim": "adamw_torch"}])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("apo, lora", [({"apo": "lr"}, False), ({"apo": "lr", "apo_loss_batch": "same"}, True),
+                                       ({"apo": "precond", "optim": "adamw_torch"}, True)],
+                         ids=["lr_next_full", "lr_same_lora", "precond_adamw_lora"])
 def test_sft_trains_with_apo(tmp_path, apo, lora):
     peft_config = None
     if lora:
