@@ -285,9 +285,13 @@ def candidate_scores(output_dir: Path, tasks, names: list[str], quick: bool) -> 
     return {n[len("apo_"):]: s for n, s in mean_ranks(table).items()}
 
 
+def stage1_cells(output_dir: Path, quick: bool) -> int:
+    return len(cells(output_dir, SMALL, lambda task: [apo_name(n) for n in CANDIDATES], quick))
+
+
 def finalists(output_dir: Path, quick: bool) -> list[str]:
     scores = candidate_scores(output_dir, SMALL, list(CANDIDATES), quick)
-    if len(scores) < len(CANDIDATES):
+    if stage1_cells(output_dir, quick) < 4 * len(SMALL):
         raise SystemExit("stage 1 has not finished on the small tasks: run --phase candidates --stage 1 first.")
     chosen = ordered_by_rule(scores)[:FINALISTS_FROM_STAGE_1]
     return chosen + ([CURRENT_DEFAULT] if CURRENT_DEFAULT not in chosen else [])
@@ -343,8 +347,8 @@ def summarize(output_dir: Path, quick: bool) -> dict:
     by_task = {task: runs_by(output_dir, task, quick) for task in SCENARIOS}
     tuned = {t: v for t in SCENARIOS if (v := tuned_baseline(t, by_task[t], quick)) is not None}
     stage1 = candidate_scores(output_dir, SMALL, list(CANDIDATES), quick)
-    chosen = None
-    if len(stage1) == len(CANDIDATES):
+    chosen, stage1_done = None, stage1_cells(output_dir, quick)
+    if stage1_done == 4 * len(SMALL):
         chosen = finalists(output_dir, quick)
     stage2 = candidate_scores(output_dir, SCENARIOS, chosen, quick) if chosen else {}
     stage2_cells = len(cells(output_dir, SCENARIOS, lambda t: [apo_name(n) for n in chosen], quick)) if chosen else 0
@@ -364,7 +368,7 @@ def summarize(output_dir: Path, quick: bool) -> dict:
     table = {(t, lr): {("adamw_linear_at_initial_lr" if m == adamw_name(t, "linear") else m): v
                        for m, v in e.items()} for (t, lr), e in everything.items()}
     return {
-        "tuned": tuned, "schedules": schedules, "stage1": stage1, "finalists": chosen, "stage2": stage2,
+        "tuned": tuned, "schedules": schedules, "stage1": stage1, "stage1_cells": stage1_done, "finalists": chosen, "stage2": stage2,
         "stage2_cells": stage2_cells, "winner": winner, "cells": table, "mean_ranks": mean_ranks(table),
         "targets": {m: targets(m, table, tuned, by_task) for m in methods},
         "by_task": by_task,
@@ -407,7 +411,8 @@ def markdown(summary: dict, quick: bool) -> str:
                 for m in methods]
         lines += [f"### {task} (tuned: {tuned[task][1]:.4g} at lr {tuned[task][0]:g})", "",
                   markdown_table(header, body), ""]
-    lines += ["## The rule", "", "Stage 1 (small tasks, candidates only): " + (", ".join(
+    lines += ["## The rule", "", f"Stage 1 (small tasks, candidates only; {summary['stage1_cells']} of "
+              f"{4 * len(SMALL)} cells): " + (", ".join(
         f"{n} {r:.2f}" for n, r in sorted(summary["stage1"].items(), key=lambda x: x[1])) or "not finished") + "."]
     if summary["finalists"]:
         lines += ["", f"Finalists: {', '.join(summary['finalists'])}. Stage 2 over {summary['stage2_cells']} of "
