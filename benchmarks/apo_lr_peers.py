@@ -76,7 +76,7 @@ GRIDS = {**ADAMW_GRID, "lora": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)}  # lora: best nea
 BEST_ALONG_THE_RUN = ("digits_classification",)
 SCHEDULES = ("linear", "constant", "warmup_cosine")
 TRAINER_SCHEDULES = {"linear": {}, "constant": {"lr_scheduler_type": "constant"},
-                     "warmup_cosine": {"lr_scheduler_type": "cosine", "warmup_ratio": 0.05}}
+                     "warmup_cosine": {"lr_scheduler_type": "cosine", "warmup_steps": 0.05}}  # a float < 1: a ratio
 PEERS_AT_USER_LR = ("sf_adamw", "mechanic")
 PEERS_AT_ONE = ("prodigy", "dog", "dadapt_adam")
 WARMUP_FRACTION = 0.05  # Schedule-Free AdamW's warm-up
