@@ -190,7 +190,9 @@ class TaskSweep:
 
             directory = module.CACHE_ROOT / ("lora_pretrained_quick" if self.quick else "lora_pretrained")
             run = module.lora_run
-        module.pretrained_checkpoint(directory, dict(module.QUICK_PRETRAIN if self.quick else module.PRETRAIN))
+        # its hash (settings, corpus, torch and transformers versions) goes into the row: runs on another pretrained
+        # checkpoint are not comparable
+        pretrained = module.pretrained_checkpoint(directory, dict(module.QUICK_PRETRAIN if self.quick else module.PRETRAIN))
         options = {"eval_steps": self.eval_every, "logging_steps": 10 if not self.quick else 5}
         if self.quick:
             options["eval_pairs"] = 100
@@ -202,7 +204,8 @@ class TaskSweep:
         return {"final": result["final_eval_loss"] if not result["diverged"] else math.inf,
                 "train_final": (result["train_losses"] or [math.nan])[-1], "eval_steps": result["eval_steps"],
                 "losses": result["eval_losses"], "lr_multiplier": result["lr_multiplier"][::every],
-                "lr_multiplier_every": every * options["logging_steps"], "diverged": result["diverged"]}
+                "lr_multiplier_every": every * options["logging_steps"], "diverged": result["diverged"],
+                "pretrained_sha256": pretrained.get("settings_sha256")}
 
     def adamw(self, lr: float) -> list[dict]:
         if self.task in TRAINER_TASKS:
