@@ -42,7 +42,10 @@ APO_DEFAULTS = {
                      **_LR_META_STEP},
     ("precond", "same"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0,
                           "apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0},
+    ("precond", "next"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 1.0,
+                          "apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0},
 }
+APO_PRECOND_SIZES = ("factors", "lr")
 
 
 FSDP2_OPT_IN = "HF_APO_FSDP2"
@@ -115,10 +118,21 @@ class APOArgumentsMixin:
             "help": "Where the meta-objective scores the loss after the look-ahead step: 'same' (the batch that gave "
             "the gradient, as in the paper; needs a proximity term) or 'next' (the next training batch, whose "
             "gradient the Trainer computes anyway: a meta step is then dot products, plus the KL pass when "
-            "--apo_lambda_fsd > 0; --apo lr only). Default: 'next' for --apo lr (benchmarks/results/"
-            "apo_lr_defaults.md; 'same' alone restores the paper's settings), 'same' for --apo precond. APO-LR takes "
-            "no meta step while the scheduler warms the learning rate up.",
+            "--apo_lambda_fsd > 0; with --apo precond over AdamW the factors' hypergradient, without proximity "
+            "terms). Default: 'next' for --apo lr (benchmarks/results/apo_lr_defaults.md; 'same' alone restores "
+            "the paper's settings), 'same' for --apo precond. APO-LR takes no meta step while the scheduler warms "
+            "the learning rate up.",
             "choices": list(APO_LOSS_BATCHES),
+        },
+    )
+    apo_precond_size: str = field(
+        default="factors",
+        metadata={
+            "help": "--apo precond: what sets the step's size. 'factors' (the learned factors carry size and shape; "
+            "the LR is --learning_rate under the schedule) or 'lr' (the factors are renormalized to shape only after "
+            "every meta step, and one LR multiplier per parameter group is learned as --apo lr learns it: next batch, "
+            "horizon 10000, from --learning_rate as the start).",
+            "choices": list(APO_PRECOND_SIZES),
         },
     )
     apo_lambda_wsd: float = field(
@@ -175,7 +189,8 @@ class APOArgumentsMixin:
     )
     apo_lr_clamp: float = field(
         default=10.0,
-        metadata={"help": "--apo lr: the log learning-rate multiplier is clamped to [-c, c] (a numerical guard). > 0."},
+        metadata={"help": "--apo lr (and --apo_precond_size lr): the log learning-rate multiplier is clamped to [-c, c] (a "
+                  "numerical guard). > 0."},
     )
     apo_max_factor_dim: int = field(
         default=1024,
@@ -257,10 +272,20 @@ class APOArgumentsMixin:
             raise ValueError(
                 f"--apo_loss_batch must be one of {', '.join(APO_LOSS_BATCHES)}; got {self.apo_loss_batch!r}."
             )
-        if self.apo == "precond" and self.apo_loss_batch == "next":
+        if self.apo_precond_size not in APO_PRECOND_SIZES:
             raise ValueError(
-                "--apo_loss_batch next is supported by --apo lr only; --apo precond scores the loss on the same batch. "
-                "Drop --apo_loss_batch or pass --apo_loss_batch same."
+                f"--apo_precond_size must be one of {', '.join(APO_PRECOND_SIZES)}; got {self.apo_precond_size!r}."
+            )
+        if self.apo_precond_size != "factors" and self.apo != "precond":
+            raise ValueError(f"--apo_precond_size {self.apo_precond_size} is --apo precond's; drop it or pass --apo "
+                             "precond.")
+        if self.apo == "precond" and self.apo_loss_batch == "next" and (
+            self.apo_lambda_fsd or self.apo_lambda_wsd or (self.apo_horizon or 1) > 1
+        ):
+            raise ValueError(
+                "--apo precond --apo_loss_batch next scores the factors on the next batch's loss alone: drop "
+                "--apo_lambda_fsd, --apo_lambda_wsd and --apo_horizon (or pass --apo_loss_batch same for the "
+                "proximal objective)."
             )
         if self.apo_meta_optimizer is not None and self.apo_meta_optimizer not in APO_LR_META_OPTIMIZERS:
             raise ValueError(
@@ -308,6 +333,11 @@ class APOArgumentsMixin:
                 f"--apo precond preconditions AdamW's or SGD's direction, but --optim is {optim}. Pass --optim one of: "
                 f"{', '.join(APO_PRECOND_OPTIMS)} (for SGD add --optim_args 'momentum=0.9' for momentum; none is added "
                 "for you)."
+            )
+        if self.apo == "precond" and optim == "sgd" and self.apo_loss_batch == "next":
+            raise ValueError(
+                "--apo precond --apo_loss_batch next scores the factors from AdamW's moments, which --optim sgd has no "
+                "counterpart of: pass --optim adamw_torch, or --apo_loss_batch same."
             )
         if self.apo == "precond" and optim != "sgd" and self.apo_lookahead_steps > 1:
             raise ValueError(

@@ -32,7 +32,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer import SCHEDULER_NAME, get_fsdp_ckpt_kwargs
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .apo_config import DEEPSPEED_REFUSAL, APOArgumentsMixin, check_apo_fsdp
+from .apo_config import APO_DEFAULTS, DEEPSPEED_REFUSAL, APOArgumentsMixin, check_apo_fsdp
 from .checkpoint import load_local_shards, safe_load, save_local_shards
 from .lr import APOLR
 from .meta import MetaLearnedOptimizer, shard_group
@@ -152,9 +152,23 @@ class APOTrainerMixin:
                 spectral_meta_step=args.apo_spectral_meta_step,
                 stochastic_rounding=args.apo_stochastic_rounding,
                 diagonal_row_params=self.apo_diagonal_row_params(opt_model),
+                shape_only=args.apo_precond_size == "lr",
                 **meta,
             )
+            if args.apo_precond_size == "lr":
+                self.optimizer = self._apo_size_learner(opt_model, self.optimizer)
         return self.optimizer
+
+    def _apo_size_learner(self, model, precond: APOPrecond) -> APOLR:
+        """``--apo_precond_size lr``: APO-LR's default (next batch, horizon 10,000, λ 0) learns one LR multiplier per
+        group over the shape-only factors; the step's LR is the scheduled one times the multiplier."""
+        lr_defaults = APO_DEFAULTS[("lr", "next")]
+        objective = ProximalObjective(model, lambda_fsd=lr_defaults["apo_lambda_fsd"], loss_batch="next",
+                                      horizon=lr_defaults["apo_horizon"])
+        return APOLR(precond, objective, meta_interval=lr_defaults["apo_meta_interval"],
+                     meta_lr=lr_defaults["apo_meta_lr"] if self.args.apo_effective_meta_lr > 0 else 0.0,
+                     log_lr_range=(-self.args.apo_lr_clamp, self.args.apo_lr_clamp),
+                     meta_optimizer=lr_defaults["apo_meta_optimizer"])
 
     def apo_diagonal_row_params(self, model) -> list:
         """``--apo precond``: the parameters whose row side gets a diagonal factor (the vocabulary weights)."""

@@ -60,8 +60,12 @@ class KroneckerFactors:
         else:
             self.scale = torch.ones((), **options)
             self.tensors = [self.scale]
-        # per tensor: whether this rank's meta-gradient of it is a partial sum over the shards' rows (FSDP2)
+        # per tensor: whether this rank's meta-gradient of it is a partial sum over the shards' rows (FSDP2); the
+        # others (a sharded weight's diagonal row side) hold this rank's rows only
         self.summed_over_shards = [sharded and t is not getattr(self, "left", None) for t in self.tensors]
+        self.rows_are_local = [sharded and not summed for summed in self.summed_over_shards]
+        # the full length of each side (its number of eigenvalues), this rank's shard or not; 1 for a scale
+        self.sides = [param.shape[0], math.prod(param.shape[1:])] if param.dim() >= 2 else [1]
         self.is_identity = True
         self._cache: list[torch.Tensor] = []
 
@@ -100,13 +104,6 @@ class KroneckerFactors:
         """P(grad) in the factor dtype (float32 for a bf16 gradient), with the current factors."""
         return self._apply(grad, self._materialized())
 
-    def precondition_differentiable(self, grad: torch.Tensor) -> torch.Tensor:
-        """P(grad) in the factor dtype, recorded by autograd w.r.t. the factor tensors (which must require grad).
-
-        The reference for :meth:`vjp` (tests only: the meta step uses the hand-written VJP).
-        """
-        return self._apply(grad, [_materialize(t) for t in self.tensors])
-
     def vjp(self, grad: torch.Tensor, cotangent: torch.Tensor) -> list[torch.Tensor]:
         """∂⟨U, P_φ(G)⟩/∂t for each factor tensor t (U = ``cotangent``, G = ``grad``), by hand, in the factor dtype.
 
@@ -137,6 +134,24 @@ class KroneckerFactors:
         else:
             grad_right = 2 * self.right * (g * lu).sum(dim=0)
         return [grad_left, grad_right]
+
+    def squared_norms(self) -> torch.Tensor:
+        """tr(L) = ‖A‖²_F per side (Σa² for a diagonal one, s² for a scale), in the factor dtype; a diagonal row side
+        over this rank's rows gives this rank's part (sum it over the shards, ``rows_are_local``)."""
+        return torch.stack([t.square().sum() for t in self.tensors])
+
+    def normalize_(self, squared_norms: torch.Tensor) -> None:
+        """Rescale each side to shape only, tr(L)/n = 1 (mean eigenvalue 1; a scale s² = 1), from the sides'
+        :meth:`squared_norms` (summed over the shards where the rows are local). A side whose norm is zero or not
+        finite is left as it is. Then the cached L and R are refreshed.
+
+        The size of a Kronecker product is a gauge (cL ⊗ R/c is the same P), so normalizing each side fixes the size of
+        P to tr(P)/numel = 1: the learning rate carries the size, the factors the shape."""
+        with torch.no_grad():
+            for tensor, squared, side in zip(self.tensors, squared_norms.tolist(), self.sides):
+                if math.isfinite(squared) and squared > 0:
+                    tensor.mul_(math.sqrt(side / squared))
+        self.refresh()
 
     def _materialized(self) -> list[torch.Tensor]:
         """L and R (or s²): the cache when it is current, else computed from the factors (identity at the start)."""

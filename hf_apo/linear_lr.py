@@ -63,6 +63,9 @@ REGISTRY: dict[str, LinearInLR] = {
        for name in ("Lion", "Lion8bit", "Lion32bit", "PagedLion", "PagedLion8bit", "PagedLion32bit")},
     **{f"bitsandbytes.{name}": LinearInLR("Δ = −lr·g/(√avg(g²) + ε); the (8-bit) average is of gradients", _bnb)
        for name in ("RMSprop", "RMSprop8bit", "RMSprop32bit")},
+    "hf_apo.APOPrecond": LinearInLR(
+        "Δ = −lr·P_φ(SGD's or AdamW's direction) − lr·wd·θ; the moments are of gradients, and the factors φ change "
+        "only at meta steps (their meta-gradient scales with the LR, their Adam step does not)"),
     **{f"torchao.{name}": LinearInLR(
         "Δ = −lr·m̂/(√v̂ + ε) − lr·wd·θ with m, v averages of gradients stored in 8 or 4 bits (dequantized)")
        for name in ("AdamW8bit", "AdamW4bit", "Adam8bit", "Adam4bit")},

@@ -186,6 +186,16 @@ class APOLR(MetaLearnedOptimizer):
             for group, lr in zip(self.param_groups, scheduled):
                 group["lr"] = lr
 
+    @property
+    def inner(self) -> MetaLearnedOptimizer | None:
+        """The wrapped optimizer when it meta-learns too (APO-Precond with ``shape_only``: this learns its size)."""
+        return self.base_optimizer if isinstance(self.base_optimizer, MetaLearnedOptimizer) else None
+
+    def observe(self, batch) -> None:
+        super().observe(batch)
+        if self.inner is not None:
+            self.inner.observe(batch)
+
     def _meta_step_scheduled(self) -> bool:
         if not self.adaptive_interval:
             return super()._meta_step_scheduled()
@@ -374,6 +384,8 @@ class APOLR(MetaLearnedOptimizer):
         """The base optimizer's state dict plus an ``apo`` entry (φ, meta-Adam state, counters, last batch, and for
         ``loss_batch="next"`` the look-ahead's terms awaiting the next gradient and D, one copy of the parameters)."""
         state = self.base_optimizer.state_dict()
+        if self.inner is not None:
+            state["apo_inner"] = state.pop("apo")  # the wrapped APO optimizer's own section
         state["apo"] = {
             **self._meta_state(),
             "log_lr": self.log_lr.clone(),
@@ -413,6 +425,8 @@ class APOLR(MetaLearnedOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         apo = state_dict.pop("apo", None)
+        if "apo_inner" in state_dict:
+            state_dict["apo"] = state_dict.pop("apo_inner")
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -436,6 +450,8 @@ class APOLR(MetaLearnedOptimizer):
 
     def metrics(self) -> dict[str, float]:
         metrics = super().metrics()
+        if self.inner is not None:  # the factors' meta-objective and traces, under their own names
+            metrics = {**{k.replace("apo/", "apo/precond_", 1): v for k, v in self.inner.metrics().items()}, **metrics}
         multipliers = self._multipliers
         metrics["apo/lr_multiplier"] = math.exp(sum(math.log(m) for m in multipliers) / len(multipliers))
         if len(multipliers) > 1:

@@ -130,6 +130,9 @@ class APOPrecond(MetaLearnedOptimizer):
             values above 1.
         stochastic_rounding: round the update of bf16 parameters stochastically (see the module docstring); no
             effect on float32 or float64 parameters.
+        shape_only: after every meta step, rescale each factor side to mean eigenvalue 1 (a 1-D scale to 1): the
+            factors learn the preconditioner's shape and leave its size to the learning rate. Wrap the optimizer in
+            :class:`~hf_apo.APOLR` to learn that size (one multiplier per group), as ``--apo_precond_size lr`` does.
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class APOPrecond(MetaLearnedOptimizer):
         lookahead_steps: int = 1,
         spectral_meta_step: bool = True,
         stochastic_rounding: bool = True,
+        shape_only: bool = False,
     ):
         if base not in BASES:
             raise ValueError(f"APO-Precond's base must be one of {', '.join(map(repr, BASES))}, got {base!r}.")
@@ -191,16 +195,14 @@ class APOPrecond(MetaLearnedOptimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             _validate_group(group, base)
-        if objective is not None and objective.loss_batch != "same":
-            raise ValueError(
-                "APO-Precond scores the loss term on the same batch (loss_batch='same'); loss_batch='next' is "
-                "supported by APO-LR only."
-            )
+        _check_objective(objective, base)
         self._init_meta(objective, meta_interval, meta_lr, meta_batch_fraction, meta_betas)
         self.max_factor_dim = max_factor_dim
         self.lookahead_steps = lookahead_steps
         self.spectral_meta_step = spectral_meta_step
         self.stochastic_rounding = stochastic_rounding
+        self.shape_only = bool(shape_only)
+        self._last_step_lrs: list[float | None] = [None] * len(self.param_groups)  # η of each group's last step
         self._rounding_generators: dict[torch.device, torch.Generator] = {}
         vocabulary = {id(p) for p in diagonal_row_params}
         self._diagonal_rows = [id(p) in vocabulary for p in self.all_params()]
@@ -325,7 +327,7 @@ class APOPrecond(MetaLearnedOptimizer):
     def _update(self) -> None:
         self._follow_replaced_params()
         if self._meta_step_due():
-            self.meta_update()
+            self.meta_update() if self.objective.loss_batch == "same" else self.next_batch_meta_update()
         if self.base == "adamw":
             self._adamw_update()
             return
@@ -396,10 +398,11 @@ class APOPrecond(MetaLearnedOptimizer):
 
     def _adamw_update(self) -> None:
         """The real AdamW step with the current factors (see the module docstring for where it is bitwise torch's)."""
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = self._params_with_grad(group)
             if not params:
                 continue
+            self._last_step_lrs[index] = float(group["lr"])
             decay = 1 - group["lr"] * group["weight_decay"]
             for p in params:
                 target = local_tensor(p)
@@ -531,6 +534,44 @@ class APOPrecond(MetaLearnedOptimizer):
                 meta_grads.extend(factors.vjp(preconditioned_input, u.mul_(scale)))
                 del preconditioned_input
         del theta, result, lookahead_grads
+        return self._step_factors(params, meta_grads, objective, proximity, shards)
+
+    @torch.no_grad()
+    def next_batch_meta_update(self) -> bool:
+        """``loss_batch="next"`` (AdamW base, λ 0): a meta step on the loss of this step's batch at the parameters the
+        previous step gave, read from the gradient the training loop has just computed. No forward, no backward.
+
+        θ_t+1 = θ_t·(1 − η_t·ω) − η_t/(1 − β₁ᵗ) · P_φ(m_t / denom_t), and the moments after step t are still in the
+        state, so with g_t+1 = ∇L_{B_t+1}(θ_t+1) in ``.grad``
+
+            ∂L_{B_t+1}(θ_t+1)/∂φ = VJP of φ ↦ P_φ(m_t / denom_t) with cotangent −η_t/(1 − β₁ᵗ) · g_t+1,
+
+        the hypergradient of the factors (the same VJP as the look-ahead's; η_t is the LR the step used, a learned
+        multiplier included). One step late: the factors that step t used are the current ones. The same-batch
+        objective's pull towards a smaller step is absent, and with ``shape_only`` the size is not the factors' to
+        learn anyway. Returns False when skipped (a non-finite gradient, or no step taken yet).
+        """
+        params, meta_grads = [], []
+        for group, lr in zip(self.param_groups, self._last_step_lrs):
+            for p in self._params_with_grad(group):
+                state = self.state[p]
+                if lr is None or not state:
+                    continue
+                exp_avg, denom, step_size = _adam_direction(state, group, lr, wide=self._wide(p))
+                with _no_autocast(p):
+                    cotangent = local_tensor(p.grad).to(self.factors[p].dtype).mul_(-step_size)
+                    meta_grads.extend(self.factors[p].vjp(self._adam_input(p, exp_avg, denom), cotangent))
+                params.append(p)
+        if not params:
+            return False
+        zero = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        stepped = self._step_factors(params, meta_grads, zero, zero, shard_group(params))
+        self.last_meta_objective = float("nan")  # the loss is not evaluated: the Trainer logs it
+        return stepped
+
+    def _step_factors(self, params, meta_grads, objective, proximity, shards) -> bool:
+        """Reduce the factors' meta-gradient (over shards, then ranks), guard it, take the meta step, and with
+        ``shape_only`` renormalize the factors; False (factors unchanged) when Q or the gradient is not finite."""
         flat = torch.cat([g.reshape(-1).to(torch.float64) for g in meta_grads])
         self.last_meta_gradient = meta_grads
         if shards is not None:
@@ -555,8 +596,24 @@ class APOPrecond(MetaLearnedOptimizer):
         for p in params:
             for t in self.factors[p].tensors:
                 t.grad = None
-            self.factors[p].refresh()
+        if self.shape_only:
+            self._normalize_factors(params, shards)
+        else:
+            for p in params:
+                self.factors[p].refresh()
         return True
+
+    def _normalize_factors(self, params, shards) -> None:
+        """``shape_only``: every side to mean eigenvalue 1 (:meth:`~hf_apo.factors.KroneckerFactors.normalize_`);
+        the norms of diagonal row sides over this rank's rows are summed over the shards first (one all-reduce)."""
+        norms = [self.factors[p].squared_norms().to(torch.float64) for p in params]
+        local = torch.cat([torch.tensor(self.factors[p].rows_are_local, device=n.device) for p, n in zip(params, norms)])
+        if shards is not None and bool(local.any()):
+            flat = torch.cat(norms)
+            flat[local] = all_reduce_sum(flat[local].clone(), shards)
+            norms = list(flat.split([len(n) for n in norms]))
+        for p, squared in zip(params, norms):
+            self.factors[p].normalize_(squared)
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -573,6 +630,7 @@ class APOPrecond(MetaLearnedOptimizer):
             "factor_is_identity": [f.is_identity for f in self.factors.values()],
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "rounding_generators": {str(d): g.get_state() for d, g in self._rounding_generators.items()},
+            "last_step_lrs": list(self._last_step_lrs),
         }
         return state
 
@@ -592,6 +650,7 @@ class APOPrecond(MetaLearnedOptimizer):
             if not is_identity:
                 factors.refresh()
         self.meta_optimizer.load_state_dict(apo["meta_optimizer"])
+        self._last_step_lrs = list(apo.get("last_step_lrs", [None] * len(self.param_groups)))
         for device, generator_state in apo.get("rounding_generators", {}).items():
             self._rounding_generator(torch.device(device)).set_state(generator_state)
 
@@ -615,6 +674,27 @@ class APOPrecond(MetaLearnedOptimizer):
     def factor_numel(self) -> int:
         """Number of meta-parameters (factor entries); the meta-optimizer keeps two more per entry."""
         return sum(f.numel() for f in self.factors.values())
+
+
+def _check_objective(objective: ProximalObjective | None, base: str) -> None:
+    """The meta-objectives APO-Precond takes: the paper's same-batch one, or over AdamW the next-batch loss alone."""
+    if objective is None or objective.loss_batch == "same":
+        return
+    if base != "adamw" or objective.lambda_fsd or objective.lambda_wsd or objective.horizon != 1:
+        raise ValueError(
+            "APO-Precond's next-batch meta-objective (loss_batch='next') is the next batch's loss alone over AdamW: "
+            "it needs base='adamw', lambda_fsd = lambda_wsd = 0 and horizon 1 (the moments of the step it scores are "
+            "still in AdamW's state; SGD's gradient is not). Use loss_batch='same' otherwise."
+        )
+
+
+def _adam_direction(state: dict[str, Any], group: dict[str, Any], lr: float, wide: bool):
+    """(m, denom, step size) of the step the AdamW state was last updated by, taken with learning rate ``lr``."""
+    beta1, beta2 = group["betas"]
+    step = float(state["step"])
+    exp_avg_sq = state["exp_avg_sq"].float() if wide else state["exp_avg_sq"]
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+    return state["exp_avg"], denom, lr / (1 - beta1**step)
 
 
 def _validate_group(group: dict[str, Any], base: str) -> None:

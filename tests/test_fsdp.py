@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.fsdp_gpu_check import VARIANTS as GPU_CHECK_VARIANTS  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_fsdp.py")
-VARIANTS = ("lr", "lr_next", "precond", "precond_adamw")
+VARIANTS = ("lr", "lr_next", "precond", "precond_adamw", "precond_split")
 
 
 def launch(out, parallel, *args, check=True):
@@ -60,7 +60,8 @@ def test_fsdp2_equals_ddp_and_one_process(runs, variant):
     # φ and the parameters are identical on both ranks (the shards' sums are all-reduced, not averaged apart).
     assert all(torch.equal(a, b) for a, b in zip(fsdp0["meta"], fsdp1["meta"]))
     assert all(torch.equal(a, b) for a, b in zip(fsdp0["params"], fsdp1["params"]))
-    assert fsdp0["meta_steps"] == ddp["meta_steps"] == single["meta_steps"] == (29 if variant == "lr_next" else 15)
+    every_step = variant in ("lr_next", "precond_split")  # APO-LR's next-batch meta steps, K 1
+    assert fsdp0["meta_steps"] == ddp["meta_steps"] == single["meta_steps"] == (29 if every_step else 15)
     # Meta-learning moved φ far from its start, so the comparisons below compare learned values.
     if variant.startswith("precond"):
         assert max(float((m - 1).abs().max()) for m in fsdp0["meta"] if m.dim() == 1) > 0.05

@@ -36,7 +36,20 @@ def _bitsandbytes(name):
     return build
 
 
+def _apo_precond(params, lr):
+    from hf_apo import APOPrecond
+
+    optimizer = APOPrecond(params, base="adamw", lr=lr, weight_decay=0.01, meta_lr=0.0)
+    generator = torch.Generator().manual_seed(1)
+    for factors in optimizer.factors.values():  # learned (non-identity) factors, the same in both twins
+        for t in factors.tensors:
+            t.add_(0.1 * torch.randn(t.shape, generator=generator, dtype=t.dtype))
+        factors.refresh()
+    return optimizer
+
+
 BUILDERS = {
+    "hf_apo.APOPrecond": _apo_precond,  # --apo_precond_size lr: APO-LR learns the size over the factors
     "torch.SGD": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.01),
     "torch.RMSprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr, momentum=0.5, centered=True),
     "torch.Adam": lambda params, lr: torch.optim.Adam(params, lr=lr, weight_decay=0.01),

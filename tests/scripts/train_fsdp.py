@@ -2,7 +2,7 @@
 
     python train_fsdp.py --out DIR --parallel none
     torchrun --standalone --nproc_per_node 2 train_fsdp.py --out DIR --parallel ddp|fsdp
-        [--variants lr,lr_next,precond,precond_adamw] [--steps 30] [--save_at 5] [--kill_at 8] [--resume]
+        [--variants lr,lr_next,precond,precond_adamw,precond_split] [--steps 30] [--save_at 5] [--kill_at 8] [--resume]
 
 Every step draws the same global batch of 8 examples whatever the number of processes; rank r trains on its
 consecutive share. For APO-LR examples have 4 to 6 real target tokens (the rest of the labels -100), so the ranks'
@@ -34,10 +34,16 @@ GLOBAL_BATCH = 8
 
 def build(variant, parallel, model, fraction):
     """The optimizer of a variant; ``model`` is the module the objective calls (sharded in place under FSDP2)."""
+    # The factors FSDP2 allows (diagonal on the sharded row side) for every run, so the runs are comparable.
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    if variant == "precond_split":  # shape-only factors from the next gradient, the size learned by APO-LR over them
+        inner = APOPrecond(model.parameters(), ProximalObjective(model, lambda_fsd=0.0, loss_batch="next"),
+                           base="adamw", lr=1e-3, weight_decay=0.01, meta_interval=2, meta_lr=0.05,
+                           diagonal_row_params=matrices, shape_only=True)
+        return APOLR(inner, ProximalObjective(model, lambda_fsd=0.0, loss_batch="next", horizon=10), meta_interval=1,
+                     meta_lr=0.2)
     if variant.startswith("precond"):
         objective = ProximalObjective(model, lambda_fsd=1.0, lambda_wsd=0.1)
-        # The factors FSDP2 allows (diagonal on the sharded row side) for every run, so the runs are comparable.
-        matrices = [p for p in model.parameters() if p.dim() >= 2]
         base = dict(lr=0.05, momentum=0.9) if variant == "precond" else dict(base="adamw", lr=1e-3, weight_decay=0.01)
         return APOPrecond(model.parameters(), objective, **base, meta_interval=2, meta_lr=0.05,
                           meta_batch_fraction=fraction, diagonal_row_params=matrices)
@@ -54,7 +60,8 @@ def build(variant, parallel, model, fraction):
 def gathered_meta_parameters(optimizer):
     """The meta-parameters, a sharded parameter's diagonal row factor gathered from all ranks (in rank order)."""
     if isinstance(optimizer, APOLR):
-        return [optimizer.log_lr.clone()]
+        inner = [] if optimizer.inner is None else gathered_meta_parameters(optimizer.inner)
+        return [optimizer.log_lr.clone(), *inner]
     tensors = []
     for param, factors in optimizer.factors.items():
         for tensor, summed in zip(factors.tensors, factors.summed_over_shards):
@@ -118,7 +125,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], required=True)
-    parser.add_argument("--variants", default="lr,lr_next,precond,precond_adamw")
+    parser.add_argument("--variants", default="lr,lr_next,precond,precond_adamw,precond_split")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--save_at", type=int, default=None)
     parser.add_argument("--kill_at", type=int, default=None)
