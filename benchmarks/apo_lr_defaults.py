@@ -58,7 +58,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, append_run, build_peer, environment, read_runs
+from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, append_run, build_optimizer, environment, read_runs
 from benchmarks.tasks import TASKS, run_once
 
 SMALL_TASKS = ("digits_classification", "digits_autoencoder", "teacher_student")
@@ -129,8 +129,26 @@ def runs_file(output_dir: Path, task: str) -> Path:
     return output_dir / "apo_lr_runs" / f"{task}.jsonl"
 
 
-def load_runs(output_dir: Path, task: str) -> list[dict]:
-    return read_runs(runs_file(output_dir, task))
+# The pretrained checkpoint a Trainer task's run fine-tuned: the hash of its settings (``pretrained_checkpoint`` in
+# finetune.py and lora.py), in the rows written since they carry it. Older rows carry none: the finetune ones came from
+# a checkpoint pretrained under torch 2.13 (initial eval loss 9.925; the torch 2.14.1 one's is 10.219), the lora ones
+# from the checkpoint named here (the initial eval loss, 11.167707443237305, is the same to all digits).
+LEGACY_CHECKPOINT = {"finetune": "torch-2.13",
+                     "lora": "8df1028e9885ea942700275b3fb83d738e363e1f397d7c5016624fb877518c97"}
+# The checkpoint this study's report reads (its finetune rows are the legacy ones)
+CHECKPOINTS = {"finetune": "torch-2.13"}
+
+
+def checkpoint_of(row: dict) -> str | None:
+    return row.get("pretrained_sha256") or LEGACY_CHECKPOINT.get(row["task"])
+
+
+def load_runs(output_dir: Path, task: str, checkpoint: str | None = None) -> list[dict]:
+    """A task's runs; of a Trainer task only those fine-tuned from ``checkpoint``, when one is given."""
+    rows = read_runs(runs_file(output_dir, task))
+    if checkpoint is None or task not in TRAINER_TASKS:
+        return rows
+    return [r for r in rows if checkpoint_of(r) == checkpoint]
 
 
 def run_key(method: str, lr: float, seed: int, steps: int) -> tuple:
@@ -146,8 +164,24 @@ class TaskSweep:
         if quick:
             steps, eval_every, seeds = 30, 10, (0,)
         self.steps, self.eval_every, self.seeds = steps, eval_every, seeds
-        self.done = {run_key(r["method"], r["lr"], r["seed"], r["steps"]): r for r in load_runs(output_dir, task)}
+        self.checkpoint = None  # a Trainer task: the hash of the pretrained checkpoint its runs fine-tune
+        if task in TRAINER_TASKS:
+            module, directory = self._trainer_module()
+            self.checkpoint = module.pretrained_checkpoint(directory, self._pretrain_settings(module))["settings_sha256"]
+        self.done = {run_key(r["method"], r["lr"], r["seed"], r["steps"]): r
+                     for r in load_runs(output_dir, task, self.checkpoint)}
         self._data = None
+
+    def _trainer_module(self):
+        """finetune.py or lora.py, and the directory of its pretrained checkpoint."""
+        if self.task == "finetune":
+            from benchmarks import finetune as module
+        else:
+            from benchmarks import lora as module
+        return module, module.CACHE_ROOT / (f"{self.task}_pretrained_quick" if self.quick else f"{self.task}_pretrained")
+
+    def _pretrain_settings(self, module) -> dict:
+        return dict(module.QUICK_PRETRAIN if self.quick else module.PRETRAIN)
 
     def run(self, method: str, lr: float, spec: MethodSpec | None = None, apo_args: dict | None = None) -> list[dict]:
         rows = []
@@ -175,30 +209,23 @@ class TaskSweep:
         every = max(1, len(result["multiplier_trace"]) // 100)
         return {"final": result["final"], "train_final": result["train_final"], "eval_steps": result["steps"],
                 "losses": result["losses"], "diverged": result["diverged"],
-                "lr_multiplier": result["multiplier_trace"][::every], "lr_multiplier_every": every}
+                "lr_multiplier": result["multiplier_trace"][::every], "lr_multiplier_every": every,
+                "train_time": [round(t, 3) for t in result["train_time"]]}
 
     def _train_with_trainer(self, spec: MethodSpec | None, trainer_args: dict, lr: float, seed: int) -> dict:
         """finetune / lora: one run through the Trainer (its default linear decay unless ``trainer_args`` say
         otherwise); ``spec``, when given, is a peer (``common.PEERS``) that replaces ``--optim``."""
-        if self.task == "finetune":
-            from benchmarks import finetune as module
-
-            directory = module.CACHE_ROOT / ("finetune_pretrained_quick" if self.quick else "finetune_pretrained")
-            run = module.finetune_run
-        else:
-            from benchmarks import lora as module
-
-            directory = module.CACHE_ROOT / ("lora_pretrained_quick" if self.quick else "lora_pretrained")
-            run = module.lora_run
+        module, directory = self._trainer_module()
+        run = module.finetune_run if self.task == "finetune" else module.lora_run
         # its hash (settings, corpus, torch and transformers versions) goes into the row: runs on another pretrained
         # checkpoint are not comparable
-        pretrained = module.pretrained_checkpoint(directory, dict(module.QUICK_PRETRAIN if self.quick else module.PRETRAIN))
+        pretrained = module.pretrained_checkpoint(directory, self._pretrain_settings(module))
         options = {"eval_steps": self.eval_every, "logging_steps": 10 if not self.quick else 5}
         if self.quick:
             options["eval_pairs"] = 100
-        if spec is not None:
-            options["optimizer_builder"] = lambda model: build_peer(
-                spec.kind, [p for p in model.parameters() if p.requires_grad], spec.lr, spec.weight_decay)
+        if spec is not None:  # the optimizer alone (a peer, SOAP): the Trainer's scheduler decays its LR
+            options["optimizer_builder"] = lambda model: build_optimizer(
+                spec.with_(schedule="constant"), model, total_steps=self.steps)[0]
         result = run(lr, seed, trainer_args, self.steps, pretrained_dir=directory, **options)
         every = max(1, len(result["lr_multiplier"]) // 100)
         return {"final": result["final_eval_loss"] if not result["diverged"] else math.inf,
@@ -255,7 +282,7 @@ def runs_by_method_and_lr(output_dir: Path, task: str, quick: bool) -> dict[tupl
     """A task's finished runs at its budget, grouped by (method, initial LR)."""
     steps = 30 if quick else LONG_BUDGETS[task][0]
     by: dict[tuple[str, float], list[dict]] = {}
-    for r in load_runs(output_dir, task):
+    for r in load_runs(output_dir, task, CHECKPOINTS.get(task)):
         if r["steps"] == steps:
             by.setdefault((r["method"], float(f"{r['lr']:.6g}")), []).append(r)
     return by

@@ -80,6 +80,10 @@ TRAINER_SCHEDULES = {"linear": {}, "constant": {"lr_scheduler_type": "constant"}
 PEERS_AT_USER_LR = ("sf_adamw", "mechanic")
 PEERS_AT_ONE = ("prodigy", "dog", "dadapt_adam")
 WARMUP_FRACTION = 0.05  # Schedule-Free AdamW's warm-up
+# The pretrained checkpoints this study fine-tunes (apo_lr_defaults.checkpoint_of): the finetune one pretrained under
+# torch 2.14.1 (the rows of issue 10's study came from an earlier one), and the lora one.
+STUDY_CHECKPOINTS = {"finetune": "51f2ecec06d5f9bf98ee3d54dad35da607b989b683fc64618794044a15770265",
+                     "lora": "8df1028e9885ea942700275b3fb83d738e363e1f397d7c5016624fb877518c97"}
 
 # APO-LR over AdamW: the next-batch objective, horizon 10,000, λ 0, K 10, meta_lr 0.1 (hf_apo's default), and the
 # mechanisms of issue 17: Rprop's sign-agreement step sizes on φ, meta steps every step while φ keeps moving one way.
@@ -216,7 +220,7 @@ def seeds_of(task: str, quick: bool) -> int:
 def runs_by(output_dir: Path, task: str, quick: bool) -> dict[tuple[str, float], list[dict]]:
     steps = 30 if quick else LONG_BUDGETS[task][0]
     by: dict[tuple[str, float], list[dict]] = {}
-    for r in load_runs(output_dir, task):
+    for r in load_runs(output_dir, task, None if quick else STUDY_CHECKPOINTS.get(task)):
         if r["steps"] == steps:
             by.setdefault((r["method"], float(f"{r['lr']:.6g}")), []).append(r)
     return by
@@ -483,6 +487,12 @@ def run_command(args) -> None:
     torch.set_num_threads(args.threads)
     for task in args.tasks:
         sweep = TaskSweep(task, args.output_dir, args.quick)
+        study = STUDY_CHECKPOINTS.get(task)
+        if not args.quick and study is not None and sweep.checkpoint != study:
+            raise SystemExit(
+                f"{task}: this study's runs fine-tune the pretrained checkpoint {study[:12]}…, but this machine's is "
+                f"{sweep.checkpoint[:12]}… (another torch or transformers version?): its runs would not be comparable."
+            )
         if args.phase in ("baselines", "all"):
             run_baselines(sweep)
         if args.phase in ("candidates", "all"):

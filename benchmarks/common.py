@@ -81,6 +81,8 @@ class MethodSpec:
     meta_optimizer: str = "adam"
     adaptive_interval: bool = False
     max_meta_step: float = 1.0
+    precond_base: str = "sgd"  # APO-Precond's base: "sgd" (with ``momentum``) or "adamw"
+    precond_size: str = "factors"  # --apo_precond_size: "shape" shape-only factors, "lr" and APO-LR learns the size
 
     @property
     def is_apo(self) -> bool:
@@ -91,6 +93,17 @@ class MethodSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def learned_size(precond: APOPrecond, model, divergence: str, forward: Callable | None) -> APOLR:
+    """APO-LR's default (what ``--apo lr`` runs) learning one LR multiplier per group over ``precond``, as
+    ``--apo_precond_size lr`` builds it."""
+    settings = apo_lr_defaults()
+    objective = ProximalObjective(model, lambda_fsd=settings["lambda_fsd"], divergence=divergence, forward=forward,
+                                  loss_batch=settings["loss_batch"], horizon=settings["horizon"])
+    return APOLR(precond, objective, meta_interval=settings["meta_interval"], meta_lr=settings["meta_lr"],
+                 meta_optimizer=settings["meta_optimizer"], adaptive_interval=settings["adaptive_interval"],
+                 max_meta_step=settings["max_meta_step"])
 
 
 def heavyball_eager():
@@ -126,11 +139,15 @@ def build_optimizer(
                               meta_optimizer=spec.meta_optimizer, adaptive_interval=spec.adaptive_interval,
                               max_meta_step=spec.max_meta_step)
         else:
+            base = {"momentum": spec.momentum} if spec.precond_base == "sgd" else {"base": "adamw"}
             optimizer = APOPrecond(
-                params, objective, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
+                params, objective, lr=spec.lr, weight_decay=wd, **base,
                 max_factor_dim=spec.max_factor_dim, lookahead_steps=spec.lookahead_steps,
-                spectral_meta_step=spec.spectral_meta_step, stochastic_rounding=spec.stochastic_rounding, **meta,
+                spectral_meta_step=spec.spectral_meta_step, stochastic_rounding=spec.stochastic_rounding,
+                shape_only=spec.precond_size in ("shape", "lr"), **meta,
             )
+            if spec.precond_size == "lr":
+                optimizer = learned_size(optimizer, model, divergence, forward)
     elif spec.kind == "adamw":
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=wd)
     elif spec.kind == "sgd":

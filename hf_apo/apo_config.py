@@ -45,7 +45,7 @@ APO_DEFAULTS = {
     ("precond", "next"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 1.0,
                           "apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0},
 }
-APO_PRECOND_SIZES = ("factors", "lr")
+APO_PRECOND_SIZES = ("factors", "shape", "lr")
 
 
 FSDP2_OPT_IN = "HF_APO_FSDP2"
@@ -129,9 +129,10 @@ class APOArgumentsMixin:
         default="factors",
         metadata={
             "help": "--apo precond: what sets the step's size. 'factors' (the learned factors carry size and shape; "
-            "the LR is --learning_rate under the schedule) or 'lr' (the factors are renormalized to shape only after "
-            "every meta step, and one LR multiplier per parameter group is learned as --apo lr learns it: next batch, "
-            "horizon 10000, from --learning_rate as the start).",
+            "the LR is --learning_rate under the schedule), 'shape' (the factors are renormalized to shape only, mean "
+            "eigenvalue 1 per side, after every meta step; the size is the scheduled LR) or 'lr' (shape-only factors, "
+            "and one LR multiplier per parameter group learned as --apo lr learns it: next batch, horizon 10000, from "
+            "--learning_rate as the start).",
             "choices": list(APO_PRECOND_SIZES),
         },
     )

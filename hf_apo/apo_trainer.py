@@ -152,7 +152,7 @@ class APOTrainerMixin:
                 spectral_meta_step=args.apo_spectral_meta_step,
                 stochastic_rounding=args.apo_stochastic_rounding,
                 diagonal_row_params=self.apo_diagonal_row_params(opt_model),
-                shape_only=args.apo_precond_size == "lr",
+                shape_only=args.apo_precond_size in ("shape", "lr"),
                 **meta,
             )
             if args.apo_precond_size == "lr":
@@ -168,7 +168,9 @@ class APOTrainerMixin:
         return APOLR(precond, objective, meta_interval=lr_defaults["apo_meta_interval"],
                      meta_lr=lr_defaults["apo_meta_lr"] if self.args.apo_effective_meta_lr > 0 else 0.0,
                      log_lr_range=(-self.args.apo_lr_clamp, self.args.apo_lr_clamp),
-                     meta_optimizer=lr_defaults["apo_meta_optimizer"])
+                     meta_optimizer=lr_defaults["apo_meta_optimizer"],
+                     adaptive_interval=lr_defaults["apo_adaptive_interval"],
+                     max_meta_step=lr_defaults["apo_max_meta_step"])
 
     def apo_diagonal_row_params(self, model) -> list:
         """``--apo precond``: the parameters whose row side gets a diagonal factor (the vocabulary weights)."""

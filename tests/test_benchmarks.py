@@ -239,3 +239,37 @@ def test_apo_lr_peers_quick_applies_the_rule(tmp_path):
     subprocess.run([sys.executable, script, "run", "--tasks", "digits_classification", "--phase", "all", *common],
                    cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=400)
     assert sum(1 for _ in (tmp_path / "apo_lr_runs" / "digits_classification.jsonl").open()) == lines
+
+
+def test_apo_precond_split_quick_applies_the_rule(tmp_path):
+    """Baselines and the four candidates on a small task at 30 steps, then the report: the baseline is the better of
+    AdamW-linear and AdamW cosine at their best LRs, SOAP's the best of its three, the candidates run at the tuned LR,
+    and the stage-1 ranks and percentages are recomputed here from the rows."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("heavyball")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    script = str(REPO_ROOT / "benchmarks" / "apo_precond_split.py")
+    common = ["--quick", "--output_dir", str(tmp_path)]
+    for command in (["run", "--tasks", "digits_autoencoder", "--phase", "all"], ["report"]):
+        completed = subprocess.run([sys.executable, script, *command, *common], cwd=REPO_ROOT, env=env,
+                                   capture_output=True, text=True, timeout=400)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.apo_precond_split import CANDIDATES, SOAP_FACTORS
+
+    report = json.loads((tmp_path / "apo_precond_split.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "apo_lr_runs" / "digits_autoencoder.jsonl").open()]
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[r["lr"]] = r["final"]
+    tuned = min(by["adamw_linear"], key=by["adamw_linear"].get)
+    assert report["baseline"]["digits_autoencoder"] == min(min(by["adamw_linear"].values()),
+                                                            min(by["adamw_warmup_cosine"].values()))
+    assert sorted(by["soap_linear"]) == sorted(float(f"{tuned * f:.3g}") for f in SOAP_FACTORS)
+    values = {c: by[f"precond_{c}" if not c.startswith("precond_") else c][tuned] for c in CANDIDATES}
+    order = sorted(values, key=values.get)
+    assert report["stage1"] == {c: float(order.index(c) + 1) for c in CANDIDATES}
+    assert report["winner"] is None  # stage 2 has not run
+    base = report["baseline"]["digits_autoencoder"]
+    for c in CANDIDATES:
+        assert report["targets"][c]["versus_adamw"]["digits_autoencoder"] == pytest.approx(values[c] / base - 1)

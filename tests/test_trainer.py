@@ -187,7 +187,7 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
         ({"apo": "precond", "optim": "sgd", "apo_loss_batch": "next"}, "--apo_loss_batch next.*--optim adamw_torch"),
         ({"apo": "precond", "apo_loss_batch": "next", "apo_lambda_fsd": 10.0}, "drop --apo_lambda_fsd"),
         ({"apo": "lr", "apo_precond_size": "lr"}, "--apo_precond_size lr is --apo precond's"),
-        ({"apo": "precond", "apo_precond_size": "shape"}, "--apo_precond_size must be one of factors, lr"),
+        ({"apo": "precond", "apo_precond_size": "shape"}, "--apo_precond_size must be one of factors, shape, lr"),
         ({"apo": "precond", "optim": "sgd", "apo_lookahead_steps": 0}, "--apo_lookahead_steps"),
         # DeepSpeed and FSDP1 stay refused, and the message names the supported alternative, FSDP2
         ({"apo": "lr", "deepspeed": "ds_config.json"}, "DeepSpeed.*FSDP2.*--fsdp_config"),
@@ -217,7 +217,7 @@ def test_help_lists_apo_flags():
                  "--apo_lambda_wsd", "--apo_meta_batch_fraction", "--apo_lr_clamp", "--apo_max_factor_dim",
                  "--apo_loss_batch {same,next}", "--apo_horizon", "--apo_lookahead_steps", "--apo_spectral_meta_step",
                  "--apo_stochastic_rounding", "--apo_meta_optimizer {adam,rprop}", "--apo_adaptive_interval",
-                 "--apo_label_shift {auto,0,1}", "--apo_precond_size {factors,lr}"):
+                 "--apo_label_shift {auto,0,1}", "--apo_precond_size {factors,shape,lr}"):
         assert flag in text
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "lr", "--apo_lambda_fsd", "3"])
     assert args.apo == "lr" and args.apo_lambda_fsd == 3.0 and args.apo_setting("apo_lambda_fsd") == 3.0
