@@ -188,3 +188,14 @@ def test_trainer_precond_size_lr_builds_the_split(tmp_path):
     assert optimizer.meta_steps == 1 and optimizer.inner.meta_steps == 6  # K 10 for the size, 2 for the factors
     logged = [log for log in trainer.state.log_history if "apo/lr_multiplier" in log]
     assert logged and all(log["apo/precond_left_trace_mean"] == pytest.approx(1.0, rel=1e-4) for log in logged)
+
+
+def test_trainer_precond_size_shape_keeps_the_scheduled_size(tmp_path):
+    args = APOTrainingArguments(output_dir=str(tmp_path), apo="precond", apo_precond_size="shape", max_steps=8,
+                                per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=4, report_to=[],
+                                save_strategy="no", use_cpu=True, apo_meta_interval=2)
+    trainer = APOTrainer(model=tiny_t5(), args=args, train_dataset=CopyDataset())
+    trainer.train()
+    optimizer = trainer.apo_optimizer
+    assert isinstance(optimizer, APOPrecond) and optimizer.shape_only and optimizer.meta_steps == 4
+    assert all(f.traces() == pytest.approx([1.0] * len(f.tensors), rel=1e-4) for f in optimizer.factors.values())

@@ -187,7 +187,7 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
         ({"apo": "precond", "optim": "sgd", "apo_loss_batch": "next"}, "--apo_loss_batch next.*--optim adamw_torch"),
         ({"apo": "precond", "apo_loss_batch": "next", "apo_lambda_fsd": 10.0}, "drop --apo_lambda_fsd"),
         ({"apo": "lr", "apo_precond_size": "lr"}, "--apo_precond_size lr is --apo precond's"),
-        ({"apo": "precond", "apo_precond_size": "shape"}, "--apo_precond_size must be one of factors, shape, lr"),
+        ({"apo": "precond", "apo_precond_size": "both"}, "--apo_precond_size must be one of factors, shape, lr"),
         ({"apo": "precond", "optim": "sgd", "apo_lookahead_steps": 0}, "--apo_lookahead_steps"),
         # DeepSpeed and FSDP1 stay refused, and the message names the supported alternative, FSDP2
         ({"apo": "lr", "deepspeed": "ds_config.json"}, "DeepSpeed.*FSDP2.*--fsdp_config"),
