@@ -95,6 +95,12 @@ LEVER_METHODS = [
                                                          "meta_optimizer": "rprop"}),
     MethodSpec("apo_precond_frac1", "apo_precond", lr=1e-2, momentum=0.9, meta_batch_fraction=1.0),
     MethodSpec("apo_precond_cap256", "apo_precond", lr=1e-2, momentum=0.9, max_factor_dim=256),
+    # issue 18: over AdamW (--optim adamw_torch), as it ships and with the size and shape apart
+    # (benchmarks/apo_precond_split.py's candidates)
+    MethodSpec("apo_precond_adamw", "apo_precond", lr=1e-3, precond_base="adamw"),
+    MethodSpec("apo_precond_split_same", "apo_precond", lr=1e-3, precond_base="adamw", precond_size="lr"),
+    MethodSpec("apo_precond_split_next", "apo_precond", lr=1e-3, precond_base="adamw", precond_size="lr",
+               loss_batch="next", lambda_fsd=0.0),
 ]
 SECOND_ORDER_PEER = "soap"
 FACTOR_CAPS = (128, 256, 512, 1024)
