@@ -311,8 +311,11 @@ def evaluate(model: nn.Module, optimizer, data: TaskData, precision: str, batche
     return total / count
 
 
-def run_once(task: Task, data: TaskData, spec: MethodSpec, seed: int, precision: str = "fp32") -> dict:
-    """Train one model with one optimizer for the task's budget; the validation curve and its timing."""
+def run_once(task: Task, data: TaskData, spec: MethodSpec, seed: int, precision: str = "fp32",
+             callback: Callable[[int, torch.optim.Optimizer], None] | None = None) -> dict:
+    """Train one model with one optimizer for the task's budget; the validation curve and its timing.
+
+    ``callback(step, optimizer)``, if given, is called after every optimizer step (outside the timed part)."""
     model = data.build_model(seed)
     forward = default_forward
     dtype = torch.float32
@@ -332,6 +335,8 @@ def run_once(task: Task, data: TaskData, spec: MethodSpec, seed: int, precision:
         start = time.perf_counter()
         loss = train_step(model, optimizer, batch, forward, scheduler)
         train_time += time.perf_counter() - start
+        if callback is not None:
+            callback(step, optimizer)
         if isinstance(optimizer, APOLR):
             lr_trace.append(optimizer.param_groups[0]["lr"] * optimizer.lr_multipliers[0])
             multiplier_trace.append(optimizer.lr_multipliers[0])

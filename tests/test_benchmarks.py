@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -273,3 +274,16 @@ def test_apo_precond_split_quick_applies_the_rule(tmp_path):
     base = report["baseline"]["digits_autoencoder"]
     for c in CANDIDATES:
         assert report["targets"][c]["versus_adamw"]["digits_autoencoder"] == pytest.approx(values[c] / base - 1)
+    # the spectra of the learned factors, at the tuned LR those runs found: shape-only factors keep mean eigenvalue 1
+    from benchmarks import precond_spectra
+
+    threads = torch.get_num_threads()
+    try:
+        precond_spectra.main(["--task", "digits_autoencoder", "--candidates", "precond_same", "split_next", *common])
+    finally:
+        torch.set_num_threads(threads)
+    spectra = json.loads((tmp_path / "precond_spectra.json").read_text())
+    assert [r["lr"] for r in spectra["runs"]] == [tuned, tuned]
+    shape_only = spectra["runs"][1]["points"][-1]["spectra"]
+    assert shape_only and all(sum(v) / len(v) == pytest.approx(1.0, rel=1e-4) for v in shape_only.values())
+    assert (tmp_path / "precond_spectra.png").stat().st_size > 1000
