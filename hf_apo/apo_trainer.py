@@ -19,7 +19,7 @@ Where APO hooks into the training loop:
   :mod:`hf_apo.meta`). Torch's distributed optimizer state dict keeps only the per-parameter state and drops APO's,
   so each rank saves its whole optimizer state, shards and APO state, to ``apo_optimizer_rank{R}.pt``: a checkpoint
   resumes with the same number of processes. The file holds the shards as plain local tensors with their placements
-  (:mod:`hf_apo.checkpoint`) and loads with ``weights_only=True``.
+  (:mod:`hf_apo.distributed`) and loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from transformers.trainer import SCHEDULER_NAME, get_fsdp_ckpt_kwargs
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .apo_config import APO_DEFAULTS, DEEPSPEED_REFUSAL, APOArgumentsMixin, check_apo_fsdp
-from .checkpoint import load_local_shards, safe_load, save_local_shards
+from .distributed import is_sharded, load_local_shards, safe_load, save_local_shards, shard_group
 from .lr import APOLR
-from .meta import MetaLearnedOptimizer, shard_group
-from .objective import ProximalObjective, get_output, is_sharded
+from .meta import MetaLearnedOptimizer
+from .objective import ProximalObjective, get_output
 from .precond import APOPrecond
 
 

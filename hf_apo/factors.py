@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from .objective import is_sharded, local_tensor
+from .distributed import is_sharded, local_tensor
 
 SMALL_SIDE = 64  # a dense factor this small costs next to nothing, whatever the other side
 
@@ -43,7 +43,7 @@ class KroneckerFactors:
     """The meta-parameters φ of one model parameter and the preconditioning they define."""
 
     def __init__(self, param: torch.Tensor, max_factor_dim: int, diagonal_rows: bool = False):
-        # FSDP2: ``param`` is a DTensor sharded on dim 0; the factors act on this rank's shard (whole rows), with a
+        # Sharded (hf_apo.distributed): ``param`` holds this rank's rows; the factors act on that shard, with a
         # diagonal row side over its own rows. Which side is dense is decided from the full shape.
         sharded = is_sharded(param)
         local = local_tensor(param)
@@ -60,7 +60,7 @@ class KroneckerFactors:
         else:
             self.scale = torch.ones((), **options)
             self.tensors = [self.scale]
-        # per tensor: whether this rank's meta-gradient of it is a partial sum over the shards' rows (FSDP2); the
+        # per tensor: whether this rank's meta-gradient of it is a partial sum over the shards' rows; the
         # others (a sharded weight's diagonal row side) hold this rank's rows only
         self.summed_over_shards = [sharded and t is not getattr(self, "left", None) for t in self.tensors]
         self.rows_are_local = [sharded and not summed for summed in self.summed_over_shards]

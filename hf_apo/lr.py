@@ -70,8 +70,9 @@ from typing import Any
 import torch
 
 from .linear_lr import check_linear_in_lr
-from .meta import MetaLearnedOptimizer, all_reduce_sum, shard_group
-from .objective import ProximalObjective, local_tensor
+from .distributed import Layout, local_tensor
+from .meta import MetaLearnedOptimizer
+from .objective import ProximalObjective
 
 META_OPTIMIZERS = ("adam", "rprop")
 RPROP_ETAS = (0.5, 1.2)  # φ's step halves when the meta-gradient flips sign and grows ×1.2 while it keeps it
@@ -262,8 +263,8 @@ class APOLR(MetaLearnedOptimizer):
         groups = [self._params_with_grad(group) for group in self.param_groups]
         sizes = [len(group) for group in groups]
         sharded_params = [p for group in groups for p in group]
-        shards = shard_group(sharded_params)  # FSDP2: the group the parameters are sharded over, else None
-        params = [local_tensor(p) for p in sharded_params]  # under FSDP2 this rank's shards (views)
+        layout = Layout.of(sharded_params)
+        params = [local_tensor(p) for p in sharded_params]  # sharded: this rank's shards (views)
         dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
         device = params[0].device if params else torch.device("cpu")
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -299,11 +300,9 @@ class APOLR(MetaLearnedOptimizer):
             per_param = [dot + wsd * sq for dot, sq in zip(per_param, squared)]
             proximity = 0.5 * wsd * torch.stack(squared).sum()
         meta_grad = torch.stack([torch.stack(chunk).sum() if chunk else zero for chunk in _split(per_param, sizes)])
-        if shards is not None:
-            # Sums over this rank's shards: all-reduce them into the full ⟨Δ, v⟩ and ‖Δ‖² (v is already the mean
-            # over ranks, FSDP having reduce-scattered it).
-            packed = all_reduce_sum(torch.cat([meta_grad, proximity.reshape(1)]), shards)
-            meta_grad, proximity = packed[:-1], packed[-1]
+        # sharded: this rank's parts of ⟨Δ, v⟩ and ‖Δ‖² made whole (v is already the mean over the ranks)
+        packed = layout.sum_over_shards(torch.cat([meta_grad, proximity.reshape(1)]))
+        meta_grad, proximity = packed[:-1], packed[-1]
         if wsd and params:
             objective = objective + proximity
         return _Lookahead(params, sizes, deltas, meta_grad, objective)
@@ -348,9 +347,7 @@ class APOLR(MetaLearnedOptimizer):
             ]
             if dots:
                 dots_per_group[index] = torch.stack(dots).sum()
-        shards = shard_group(self.all_params())
-        if shards is not None:
-            all_reduce_sum(dots_per_group, shards)  # this rank's shards of D and of the (reduced) gradient
+        Layout.of(self.all_params()).sum_over_shards(dots_per_group)  # sharded: this rank's shards of D and g
         meta_grad = meta_grad + dots_per_group
         if self.objective.horizon == 1:
             self._displacement = None  # rebuilt at the next look-ahead: no persistent copy of the parameters
@@ -362,7 +359,7 @@ class APOLR(MetaLearnedOptimizer):
         During a warm-up only the parts of the meta-gradient that lower φ (positive ones) are applied, and φ does not
         rise. Then the cadence: the next look-ahead follows at once while φ keeps moving one way."""
         self.last_meta_gradient = meta_grad.detach().cpu()
-        if not self._reduce_and_check(meta_grad, objective, sharded=shard_group(self.all_params()) is not None):
+        if not self._reduce_and_check(meta_grad, objective, Layout.of(self.all_params())):
             self._cadence.schedule(moving=False, interval=self.meta_interval)
             return None
         grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
@@ -398,7 +395,7 @@ class APOLR(MetaLearnedOptimizer):
         return state
 
     def _local_params(self) -> list[torch.Tensor]:
-        """The parameters, or under FSDP2 this rank's shards of them (views, so D follows the steps)."""
+        """The parameters, or when sharded this rank's shards of them (views, so D follows the steps)."""
         return [local_tensor(p) for p in self.all_params()]
 
     def _pending_state(self) -> dict[str, Any] | None:

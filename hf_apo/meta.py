@@ -13,17 +13,14 @@ which the training loop calls with each (micro-)batch it trains on:
 No batch is drawn twice from the data; the last observed batch is part of the state dict so that a resumed run
 sees the same B′ as one that never stopped. (Under DDP the Trainer saves rank 0's optimizer state, so after a
 multi-process resume every rank's first B′ is rank 0's last batch; φ stays identical on all ranks, the meta-gradient
-being reduced. Under FSDP2 every rank saves and resumes its own.)
+being reduced. With sharded parameters every rank saves and resumes its own.)
 
 Data parallelism. Each rank's loss and KL are weighted by its share of the global count of target tokens
 (:mod:`hf_apo.objective`), so the mean over ranks of the meta-gradient is that of one process with the global batch.
 B′ is each rank's own first ``meta_batch_fraction`` of its previous batch: with a fraction below 1 that is not the
 subset one process would take, and 2 processes differ from 1 (README, "Distributed").
 
-FSDP2 (``fully_shard``): parameters, gradients and momentum-like state are this rank's shards (DTensors, read through
-``to_local()``). The look-ahead runs through the sharded module, so FSDP gathers the parameters at θ′ and
-reduce-scatters v into ``.grad``: already the mean over ranks. Dot products and norms over shards are summed with one
-all-reduce per meta step (:func:`all_reduce_sum`), and only Q and a non-finite flag are averaged.
+Sharded parameters: :mod:`hf_apo.distributed` says what each layout of the parameters reduces, and how.
 """
 
 from __future__ import annotations
@@ -34,14 +31,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from .objective import Batch, ProximalObjective, batch_size_of, is_sharded, move_batch, slice_batch
-
-try:
-    from torch.distributed.tensor import Shard
-except ImportError:  # a torch built without torch.distributed
-    Shard = None
+from .distributed import Layout
+from .objective import Batch, ProximalObjective, batch_size_of, move_batch, slice_batch
 
 
 def _validate_meta_args(meta_interval: int, meta_lr: float, meta_batch_fraction: float, meta_betas) -> None:
@@ -53,44 +45,6 @@ def _validate_meta_args(meta_interval: int, meta_lr: float, meta_batch_fraction:
         raise ValueError(f"meta_batch_fraction must be in (0, 1], got {meta_batch_fraction!r}.")
     if len(meta_betas) != 2 or not all(0 <= b < 1 for b in meta_betas):
         raise ValueError(f"meta_betas must be two numbers in [0, 1), got {meta_betas!r}.")
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over data-parallel ranks, in place; a no-op in a single process.
-
-    The look-ahead backward is not seen by DDP, so without this φ would drift apart across ranks.
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
-    return tensor
-
-
-def shard_group(params: list[torch.Tensor]):
-    """The process group that FSDP2 shards ``params`` over, or None when they are plain tensors.
-
-    Supported: every parameter a DTensor sharded on dim 0 over one 1-D mesh spanning all ranks (``fully_shard``
-    without HSDP or tensor parallelism), so the shard group is also the data-parallel group.
-    """
-    sharded = [p for p in params if is_sharded(p)]
-    if not sharded:
-        return None
-    mesh = sharded[0].device_mesh
-    supported = len(sharded) == len(params) and all(
-        p.device_mesh == mesh and tuple(p.placements) == (Shard(0),) for p in sharded
-    )
-    if not supported or mesh.ndim != 1 or mesh.size() != dist.get_world_size():
-        raise NotImplementedError(
-            "APO under FSDP2 supports parameters all sharded on dim 0 over one mesh of all ranks (fully_shard with a "
-            "1-D mesh); HSDP, tensor parallelism and unsharded parameters next to sharded ones are not supported."
-        )
-    return mesh.get_group()
-
-
-def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
-    """Sum over the ranks of ``group``, in place: dot products and norms of parameter shards become full ones."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
 
 
 class MetaLearnedOptimizer(torch.optim.Optimizer):
@@ -135,7 +89,7 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         return move_batch(batch, device), move_batch(meta_batch, device)
 
     def all_params(self) -> list[torch.Tensor]:
-        """Every parameter, group after group (under FSDP2 the sharded DTensors that Accelerate put in place)."""
+        """Every parameter, group after group (sharded: the parameters Accelerate put in place after building)."""
         return [p for group in self.param_groups for p in group["params"]]
 
     @staticmethod
@@ -172,26 +126,10 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- guard and reduction ------------------------------------------------------------------------------
-    def _reduce_and_check(self, meta_grad: torch.Tensor, objective: torch.Tensor, sharded: bool = False) -> bool:
-        """All-reduces [meta-gradient, Q] (mean over ranks) in place; False, with a warning, if any is non-finite.
-
-        ``sharded`` (FSDP2): v arrived reduce-scattered, i.e. already the mean over ranks, and the caller has summed
-        the shards' parts, so the meta-gradient is complete (its entries for a rank's own shard of a factor differ
-        between ranks and must not be averaged): only Q and the count of non-finite entries are reduced.
-        The check runs after the reduction so every rank takes the same decision.
-        """
-        if sharded:
-            non_finite = (~torch.isfinite(meta_grad)).sum()
-            packed = torch.stack([objective.to(torch.float64), non_finite.to(objective.device, torch.float64)])
-            all_reduce_mean(packed)
-            finite = bool(torch.isfinite(packed[0])) and float(packed[1]) == 0
-            self.last_meta_objective = float(packed[0])
-        else:
-            packed = torch.cat([meta_grad.reshape(-1), objective.reshape(1).to(meta_grad.dtype)])
-            all_reduce_mean(packed)
-            meta_grad.copy_(packed[:-1].view_as(meta_grad))
-            finite = bool(torch.isfinite(packed).all())
-            self.last_meta_objective = float(packed[-1])
+    def _reduce_and_check(self, meta_grad: torch.Tensor, objective: torch.Tensor, layout: Layout) -> bool:
+        """The mean over ranks of [meta-gradient, Q] (:meth:`~hf_apo.distributed.Layout.average`, in place); False,
+        with a warning, if any is non-finite on any rank (every rank takes the same decision)."""
+        finite, self.last_meta_objective = layout.average(meta_grad, objective)
         if finite:
             self.meta_steps += 1
         else:

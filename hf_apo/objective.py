@@ -25,7 +25,7 @@ Several data-parallel processes: L_B and the KL are token means over this rank's
 weighted by n_rank · ranks / n_global (one all-reduce of the two counts per meta step), so that the optimizers' mean
 over ranks of the meta-gradient is the gradient of the global token means, as the Trainer weighs the training loss
 with ``num_items_in_batch``. The weight is 1.0, and skipped, in a single process and when every rank holds as many
-target tokens. Under FSDP2 the look-ahead runs through the sharded module (see :meth:`lookahead_gradient`).
+target tokens. With sharded parameters the look-ahead runs through the sharded module (:mod:`hf_apo.distributed`).
 """
 
 from __future__ import annotations
@@ -37,14 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-try:  # FSDP2 (torch.distributed.fsdp.fully_shard): sharded parameters are DTensors
-    from torch.distributed.fsdp import FSDPModule as _FSDPModule
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # a torch built without torch.distributed
-    _FSDPModule = _DTensor = None
+from .distributed import backward_inputs, free_gathered, shares_of_global_count
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -52,31 +47,6 @@ DivergenceFn = Callable[[Any, Any, Batch], torch.Tensor]
 
 DIVERGENCES = ("kl", "squared_error")
 LOSS_BATCHES = ("same", "next")
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (a parameter or gradient of an FSDP2 ``fully_shard`` model)."""
-    return _DTensor is not None and isinstance(tensor, _DTensor)
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: in-place ops reach the parameter), the tensor itself otherwise."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
-
-
-def reshard(model: nn.Module) -> None:
-    """Free the parameters FSDP2 gathered for a forward without backward, in every ``fully_shard`` unit.
-
-    The root unit, and any unit with ``reshard_after_forward=False`` (Accelerate's embedding/LM-head unit), keeps
-    its gathered parameters after a forward, for the backward; after a no-grad forward nothing frees them, and the
-    next forward would run on those stale copies even after the optimizer changed the shards (measured: the
-    look-ahead forward then ran at θ for those units, not θ′).
-    """
-    if _FSDPModule is None:
-        return
-    for module in model.modules():
-        if isinstance(module, _FSDPModule):
-            module.reshard()
 
 
 def default_forward(model: nn.Module, batch: Batch) -> Any:
@@ -160,26 +130,6 @@ def squared_error_divergence(target: torch.Tensor, prediction: torch.Tensor) -> 
     dtype = torch.promote_types(prediction.dtype, torch.float32)
     diff = prediction.to(dtype) - target.detach().to(dtype)
     return 0.5 * diff.reshape(diff.shape[0], -1).pow(2).sum(dim=1).mean()
-
-
-def _shares_of_global_count(counts: list[int | None], device) -> list[float]:
-    """Each count times the number of ranks over its sum over ranks: the weight that turns a rank's mean into its part
-    of the global mean, which the mean over ranks of the meta-gradient then forms (1.0 in a single process, for
-    equal counts on every rank, and for an unknown count, None).
-
-    As the Trainer weighs the training loss by ``num_items_in_batch``: with per-rank token means, ranks with fewer
-    target tokens would weigh as much as ranks with more, and several processes would not equal one.
-    """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return [1.0] * len(counts)
-    local = torch.tensor([float(c or 0) for c in counts], dtype=torch.float64, device=device)
-    totals = local.clone()
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    world = dist.get_world_size()
-    return [
-        1.0 if c is None or total == 0 else float(c) * world / float(total)
-        for c, total in zip(counts, totals.tolist())
-    ]
 
 
 @dataclass
@@ -322,7 +272,7 @@ class ProximalObjective:
             return None
         with self._eval_mode():
             outputs = self.forward(self.model, meta_batch)
-        reshard(self.model)  # under FSDP2 the step that follows changes the shards
+        free_gathered(self.model)  # sharded: the step that follows changes the shards
         if callable(self.divergence):
             return outputs
         return self._distribution(outputs, meta_batch).detach()
@@ -347,16 +297,16 @@ class ProximalObjective:
         graphs is alive at a time. Either way DDP reduces nothing: the optimizer all-reduces its small
         meta-gradient itself.
 
-        Sharded parameters (FSDP2) need ``into_grad=True``: autograd does not reach them (the forward uses gathered
-        copies), so v comes from FSDP's own backward, reduce-scattered into ``.grad``: this rank's shard of the
-        mean of v over the data-parallel ranks.
+        Sharded parameters need ``into_grad=True``: autograd does not reach them (the forward uses gathered
+        copies), so v comes from the sharded module's own backward, reduce-scattered into ``.grad``: this rank's
+        shard of the mean of v over the data-parallel ranks (:mod:`hf_apo.distributed`).
         """
         params = list(params)
-        sharded = any(is_sharded(p) for p in params)
-        if sharded and not into_grad:
-            raise ValueError("lookahead_gradient on sharded (FSDP2) parameters needs into_grad=True.")
+        inputs = backward_inputs(params)
+        if inputs is None and not into_grad:
+            raise ValueError("lookahead_gradient on sharded parameters needs into_grad=True.")
         device = params[0].device if params else None
-        loss_share, meta_share = _shares_of_global_count(
+        loss_share, meta_share = shares_of_global_count(
             [None if batch is None else self._loss_items(batch), self._meta_items(target)], device
         )
         if into_grad:
@@ -373,8 +323,6 @@ class ProximalObjective:
                 objective = loss + self._function_space_term(meta_batch, target, meta_share)
                 grads = torch.autograd.grad(objective, params, allow_unused=True)
                 return MetaStepResult(objective=objective.detach(), lookahead_grads=list(grads))
-            # FSDP2: backward(inputs=...) with the sharded parameters silently computes nothing
-            inputs = None if sharded else params
             if batch is not None:
                 loss.backward(inputs=inputs)
             objective = loss.detach()

@@ -27,14 +27,12 @@ gradient (and no weight decay): the buffer b′ after this step decays as μᵏ�
 in closed form, and c grows by m times b′'s coefficient on P(g). n = 1 is the paper's one-step look-ahead; the
 proximity terms then measure the displacement the momentum will carry.
 
-FSDP2 (``fully_shard``, parameters sharded on dim 0): each rank keeps the factors of its shard. A shard holds
-whole rows, so the input side R stays dense where it would be; the row side L is diagonal over this rank's rows
-(a dense L would couple rows held by other ranks). Against the unsharded preconditioner this drops the dense L of
-the weights whose row side would be dense (rows ≤ columns and ≤ ``max_factor_dim``); with ``diagonal_row_params``
-naming every matrix, the unsharded optimizer has the same factors, which is how the tests compare the two. v arrives
-reduce-scattered (the mean over ranks); the VJP's sums over rows (R's gradient, a scale's) and ‖Δ‖² are summed over
-the ranks; L's entries stay with their rows. Over AdamW the moments, like SGD's momentum buffers, are this rank's
-shards (local tensors): FSDP2 equals DDP and one process to 2e-7 and resumes bitwise (tests/test_precond_adamw.py).
+Sharded parameters: each rank keeps the factors of its shard, a diagonal row side over its own rows
+(:mod:`hf_apo.distributed`); against the unsharded preconditioner this drops the dense L of the weights whose row
+side would be dense (rows ≤ columns and ≤ ``max_factor_dim``); with ``diagonal_row_params`` naming every matrix, the
+unsharded optimizer has the same factors, which is how the tests compare the two. Over AdamW the moments, like SGD's
+momentum buffers, are this rank's shards: sharded equals DDP and one process to 2e-7 and resumes bitwise (the
+precond_adamw variant of the 2-process tests).
 
 AdamW (``base="adamw"``). Per group (lr η, betas β₁ β₂, eps ε, weight decay ω), with torch.optim.AdamW's moments of
 the raw gradient g (step t, starting at 1):
@@ -91,8 +89,9 @@ from typing import Any
 import torch
 
 from .factors import FactorAdam, KroneckerFactors
-from .meta import MetaLearnedOptimizer, all_reduce_sum, shard_group
-from .objective import ProximalObjective, local_tensor
+from .distributed import Layout, local_tensor
+from .meta import MetaLearnedOptimizer
+from .objective import ProximalObjective
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -223,8 +222,8 @@ class APOPrecond(MetaLearnedOptimizer):
     def _follow_replaced_params(self) -> None:
         """Rebuild the factors if the parameters were replaced after construction.
 
-        Accelerate's FSDP2 ``prepare`` (the Trainer builds the optimizer first) swaps each parameter in
-        ``param_groups`` for its sharded DTensor; the factors must then be those of the shards. That is only sound
+        Accelerate's ``prepare`` of a sharded model (the Trainer builds the optimizer first) swaps each parameter in
+        ``param_groups`` for its shard; the factors must then be those of the shards. That is only sound
         while the factors are still the identity, i.e. before the first meta step.
         """
         params = self.all_params()
@@ -471,7 +470,7 @@ class APOPrecond(MetaLearnedOptimizer):
         params = [p for _, group_params in groups for p in group_params]
         if not params:
             return False
-        shards = shard_group(params)  # FSDP2: the group the parameters are sharded over, else None
+        layout = Layout.of(params)
         target = self.objective.target(meta_batch)
 
         # θ′ = θ + Δ(φ) in place, group by group; cotangent scale −η·c per parameter
@@ -495,19 +494,11 @@ class APOPrecond(MetaLearnedOptimizer):
             torch._foreach_add_([local_tensor(p) for p in group_params], directions, alpha=-group["lr"])
             del directions
 
-        if shards is None:
-            result = self.objective.lookahead_gradient(params, batch, meta_batch, target)
-            lookahead_grads = result.lookahead_grads
-        else:
-            # FSDP2: v comes reduce-scattered into .grad; g, which the VJP and the real step still need, is set aside
-            grads = [p.grad for p in params]
-            result = self.objective.lookahead_gradient(params, batch, meta_batch, target, into_grad=True)
-            lookahead_grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
-            for p, g in zip(params, grads):
-                p.grad = g
+        # v at θ′; g, which the VJP and the real step still need, stays in .grad
+        result, lookahead_grads = layout.lookahead_gradients(self.objective, params, batch, meta_batch, target)
         wsd = self.objective.lambda_wsd
         objective = result.objective.to(torch.float64)
-        proximity = torch.zeros((), dtype=torch.float64, device=objective.device)  # FSDP2: this rank's shards' part
+        proximity = torch.zeros((), dtype=torch.float64, device=objective.device)  # sharded: this rank's part
         meta_grads: list[torch.Tensor] = []
         param_group = [group for group, group_params in groups for _ in group_params]
         with _no_autocast(params[0]):
@@ -518,11 +509,7 @@ class APOPrecond(MetaLearnedOptimizer):
                 if wsd:
                     delta = (local.detach() - theta[index]).to(factors.dtype)
                     u = u + wsd * delta
-                    term = 0.5 * wsd * delta.pow(2).sum().to(torch.float64)
-                    if shards is None:
-                        objective = objective + term
-                    else:
-                        proximity = proximity + term
+                    proximity = proximity + 0.5 * wsd * delta.pow(2).sum().to(torch.float64)
                 local.copy_(theta[index])  # back to θ: the real step is taken by step() with the updated φ
                 theta[index] = None
                 if self.base == "adamw":  # P acts on m / denom: recomputed (cheap, element-wise), not kept
@@ -534,7 +521,7 @@ class APOPrecond(MetaLearnedOptimizer):
                 meta_grads.extend(factors.vjp(preconditioned_input, u.mul_(scale)))
                 del preconditioned_input
         del theta, result, lookahead_grads
-        return self._step_factors(params, meta_grads, objective, proximity, shards)
+        return self._step_factors(params, meta_grads, objective, proximity, layout)
 
     @torch.no_grad()
     def next_batch_meta_update(self) -> bool:
@@ -565,26 +552,23 @@ class APOPrecond(MetaLearnedOptimizer):
         if not params:
             return False
         zero = torch.zeros((), dtype=torch.float64, device=params[0].device)
-        stepped = self._step_factors(params, meta_grads, zero, zero, shard_group(params))
+        stepped = self._step_factors(params, meta_grads, zero, zero, Layout.of(params))
         self.last_meta_objective = float("nan")  # the loss is not evaluated: the Trainer logs it
         return stepped
 
-    def _step_factors(self, params, meta_grads, objective, proximity, shards) -> bool:
+    def _step_factors(self, params, meta_grads, objective, proximity, layout: Layout) -> bool:
         """Reduce the factors' meta-gradient (over shards, then ranks), guard it, take the meta step, and with
         ``shape_only`` renormalize the factors; False (factors unchanged) when Q or the gradient is not finite."""
         flat = torch.cat([g.reshape(-1).to(torch.float64) for g in meta_grads])
         self.last_meta_gradient = meta_grads
-        if shards is not None:
-            # The VJP's sums over the sharded rows (dense right factors, scales) and ‖Δ‖² are this rank's part:
-            # all-reduce them; a diagonal row factor's entries belong to this rank's rows and stay as they are.
-            partial = torch.cat([
-                torch.full((t.numel(),), summed, device=flat.device)
-                for p in params for t, summed in zip(self.factors[p].tensors, self.factors[p].summed_over_shards)
-            ])
-            packed = all_reduce_sum(torch.cat([flat[partial], proximity.reshape(1).to(flat.device)]), shards)
-            flat[partial] = packed[:-1]
-            objective = objective + packed[-1]
-        if not self._reduce_and_check(flat, objective.to(flat.device), sharded=shards is not None):
+        # sharded: the VJP's sums over the rows (dense right factors, scales) and ‖Δ‖² are this rank's part, made
+        # whole; a diagonal row factor's entries belong to this rank's rows and stay as they are
+        partial = torch.cat([torch.full((t.numel(),), summed, device=flat.device) for p in params
+                             for t, summed in zip(self.factors[p].tensors, self.factors[p].summed_over_shards)])
+        flat = torch.cat([flat, proximity.reshape(1).to(flat.device)])
+        layout.sum_over_shards_where(flat, torch.cat([partial, partial.new_ones(1)]))
+        flat, objective = flat[:-1], objective + flat[-1]
+        if not self._reduce_and_check(flat, objective.to(flat.device), layout):
             return False
 
         offset = 0
@@ -597,22 +581,19 @@ class APOPrecond(MetaLearnedOptimizer):
             for t in self.factors[p].tensors:
                 t.grad = None
         if self.shape_only:
-            self._normalize_factors(params, shards)
+            self._normalize_factors(params, layout)
         else:
             for p in params:
                 self.factors[p].refresh()
         return True
 
-    def _normalize_factors(self, params, shards) -> None:
+    def _normalize_factors(self, params, layout: Layout) -> None:
         """``shape_only``: every side to mean eigenvalue 1 (:meth:`~hf_apo.factors.KroneckerFactors.normalize_`);
         the norms of diagonal row sides over this rank's rows are summed over the shards first (one all-reduce)."""
         norms = [self.factors[p].squared_norms().to(torch.float64) for p in params]
         local = torch.cat([torch.tensor(self.factors[p].rows_are_local, device=n.device) for p, n in zip(params, norms)])
-        if shards is not None and bool(local.any()):
-            flat = torch.cat(norms)
-            flat[local] = all_reduce_sum(flat[local].clone(), shards)
-            norms = list(flat.split([len(n) for n in norms]))
-        for p, squared in zip(params, norms):
+        flat = layout.sum_over_shards_where(torch.cat(norms), local)
+        for p, squared in zip(params, flat.split([len(n) for n in norms])):
             self.factors[p].normalize_(squared)
 
     # -- state ----------------------------------------------------------------------------------------------
@@ -642,7 +623,7 @@ class APOPrecond(MetaLearnedOptimizer):
             _validate_group(group, self.base)  # e.g. a torch.optim.AdamW state with amsgrad=True
         if apo is None:
             return
-        self._follow_replaced_params()  # a resumed Trainer run loads after Accelerate's FSDP2 prepare
+        self._follow_replaced_params()  # a resumed Trainer run loads after Accelerate's prepare (sharded)
         self._load_meta_state(apo)
         for factors, saved, is_identity in zip(self.factors.values(), apo["factors"], apo["factor_is_identity"]):
             for tensor, value in zip(factors.tensors, saved):

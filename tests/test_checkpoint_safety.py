@@ -1,4 +1,4 @@
-"""The per-rank optimizer files of --apo under FSDP2 (hf_apo/checkpoint.py) load with ``weights_only=True``.
+"""The per-rank optimizer files of --apo under FSDP2 (hf_apo/distributed.py) load with ``weights_only=True``.
 
 A tampered file, whose pickle would call a function when loaded, is refused by the Trainer glue with an error that
 names the file and says nothing was loaded, and the payload never runs. A state with DTensors (on a one-process gloo
@@ -15,8 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hf_apo.checkpoint import RefusedCheckpointError, load_local_shards, save_local_shards, to_local_state
-from hf_apo.objective import is_sharded
+from hf_apo.distributed import RefusedCheckpointError, is_sharded, load_local_shards, save_local_shards, to_local_state
 
 
 def load_with_default_globals_only(path):

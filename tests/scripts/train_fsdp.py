@@ -26,7 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from hf_apo import APOLR, APOPrecond, ProximalObjective  # noqa: E402
-from hf_apo.objective import is_sharded  # noqa: E402
+from hf_apo.distributed import is_sharded  # noqa: E402
 from tiny import CopyDataset, tiny_t5  # noqa: E402
 
 GLOBAL_BATCH = 8

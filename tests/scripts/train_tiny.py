@@ -21,7 +21,7 @@ from transformers import HfArgumentParser, TrainerCallback
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from hf_apo import APOSeq2SeqTrainer, APOSeq2SeqTrainingArguments  # noqa: E402
-from hf_apo.objective import is_sharded  # noqa: E402
+from hf_apo.distributed import is_sharded  # noqa: E402
 from tiny import CopyDataset, tiny_llama, tiny_t5  # noqa: E402
 
 
