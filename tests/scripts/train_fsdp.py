@@ -101,7 +101,7 @@ def run(variant, args, rank, world, kill_at=None):
         first = (step * GLOBAL_BATCH) % len(data) + rank * share
         examples = [data[i] for i in range(first, first + share)]
         batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
-        if not variant.startswith("precond"):  # (APO-Precond: see the README on FactorAdam and rounding)
+        if not variant.startswith("precond"):  # (APO-Precond: see docs/distributed.md on FactorAdam and rounding)
             for row, index in enumerate(range(first, first + share)):
                 batch["labels"][row, 6 - index % 3:] = -100  # 6, 5 or 4 real target tokens: unequal per rank
         tokens = (batch["labels"] != -100).sum().double()
