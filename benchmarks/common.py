@@ -25,7 +25,7 @@ import torch
 
 from hf_apo import APOLR, APOPrecond, ProximalObjective
 from hf_apo.meta import MetaLearnedOptimizer
-from hf_apo.objective import default_forward, get_output
+from hf_apo.batches import default_forward, get_output
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "benchmarks" / "results"

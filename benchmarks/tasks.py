@@ -21,7 +21,7 @@ from torch import nn
 
 from benchmarks.common import REPO_ROOT, MethodSpec, build_optimizer, set_eval_mode, train_step
 from hf_apo import APOLR
-from hf_apo.objective import default_forward, get_output
+from hf_apo.batches import default_forward, get_output
 
 BF16 = torch.bfloat16
 

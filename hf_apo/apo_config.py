@@ -12,42 +12,16 @@ from dataclasses import dataclass, field
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-APO_MODES = ("none", "lr", "precond")
-# --optim values whose optimizer APO-LR can wrap: its step is linear in the learning rate and its state does not
-# depend on it (hf_apo/linear_lr.py says why for each class, and tests/test_linear_lr.py checks it).
-APO_LR_OPTIMS = (
-    "adamw_torch", "adamw_torch_fused", "sgd", "rmsprop", "adagrad", "adafactor",  # torch, transformers
-    "adamw_torch_4bit", "adamw_torch_8bit",  # torchao
-    "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit",  # bitsandbytes
-    "paged_lion_8bit", "paged_lion_32bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+from .defaults import (  # noqa: F401  (re-exported: the flags' choices and defaults)
+    APO_DEFAULTS, APO_LOSS_BATCHES, APO_LR_META_OPTIMIZERS, APO_LR_OPTIMS, APO_MODES, APO_PRECOND_OPTIMS,
+    APO_PRECOND_SIZES, DEFAULT_LOSS_BATCH,
 )
-# --optim values APO-Precond preconditions: AdamW's direction m̂/(√v̂ + ε), or SGD's gradient before its momentum.
-APO_PRECOND_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")
-APO_LOSS_BATCHES = ("same", "next")
-APO_LR_META_OPTIMIZERS = ("adam", "rprop")
-# The defaults of the flags left unset: per mode and, for APO-LR, per loss batch, so that `--apo_loss_batch same`
-# alone gives the paper's objective with its settings. Evidence: benchmarks/results/apo_lr_defaults.md (APO-LR) and
-# benchmarks/results/apo_precond_compare.md (APO-Precond).
-DEFAULT_LOSS_BATCH = {"lr": "next", "precond": "same"}
+
 DEEPSPEED_REFUSAL = (
     "--apo does not support DeepSpeed (it replaces the optimizer with its own). To shard a model that does not fit "
     "one GPU, use FSDP2 instead: --fsdp full_shard --fsdp_config '{\"version\": 2}'. Or drop --deepspeed, or use "
     "--apo none."
 )
-_LR_META_STEP = {"apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0}
-APO_DEFAULTS = {
-    ("lr", "next"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 10_000.0,
-                     **_LR_META_STEP},
-    ("lr", "same"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0,
-                     **_LR_META_STEP},
-    ("precond", "same"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0,
-                          "apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0},
-    ("precond", "next"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 1.0,
-                          "apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0},
-}
-APO_PRECOND_SIZES = ("factors", "shape", "lr")
-
-
 FSDP2_OPT_IN = "HF_APO_FSDP2"
 
 
@@ -200,7 +174,6 @@ class APOArgumentsMixin:
             "factor instead of a dense one (the vocabulary side of embeddings always does). >= 1."
         },
     )
-
     apo_lookahead_steps: int = field(
         default=1,
         metadata={
@@ -209,7 +182,6 @@ class APOArgumentsMixin:
             "1 is the paper's one-step look-ahead. >= 1."
         },
     )
-
     apo_spectral_meta_step: bool = field(
         default=True,
         metadata={
@@ -217,7 +189,6 @@ class APOArgumentsMixin:
             "factor's spectrum moves by about --apo_meta_lr per meta step whatever its size. False: per-entry Adam."
         },
     )
-
     apo_stochastic_rounding: bool = field(
         default=True,
         metadata={
@@ -250,8 +221,31 @@ class APOArgumentsMixin:
         return self.apo_setting("apo_meta_lr") if self.apo != "none" else 0.0
 
     def _validate_apo_fields(self) -> None:
+        self._validate_apo_choices()
+        self._validate_apo_numbers()
+        self._validate_apo_combinations()
+
+    def _validate_apo_choices(self) -> None:
         if self.apo not in APO_MODES:
             raise ValueError(f"--apo must be one of {', '.join(APO_MODES)}; got {self.apo!r}.")
+        if self.apo_loss_batch is not None and self.apo_loss_batch not in APO_LOSS_BATCHES:
+            raise ValueError(
+                f"--apo_loss_batch must be one of {', '.join(APO_LOSS_BATCHES)}; got {self.apo_loss_batch!r}."
+            )
+        if self.apo_precond_size not in APO_PRECOND_SIZES:
+            raise ValueError(
+                f"--apo_precond_size must be one of {', '.join(APO_PRECOND_SIZES)}; got {self.apo_precond_size!r}."
+            )
+        if self.apo_meta_optimizer is not None and self.apo_meta_optimizer not in APO_LR_META_OPTIMIZERS:
+            raise ValueError(
+                f"--apo_meta_optimizer must be one of {', '.join(APO_LR_META_OPTIMIZERS)}; got "
+                f"{self.apo_meta_optimizer!r}."
+            )
+        if str(self.apo_label_shift) not in ("auto", "0", "1"):
+            raise ValueError(f"--apo_label_shift must be auto, 0 or 1; got {self.apo_label_shift!r}.")
+        self.apo_label_shift = str(self.apo_label_shift)
+
+    def _validate_apo_numbers(self) -> None:
         if not isinstance(self.apo_lookahead_steps, int) or self.apo_lookahead_steps < 1:
             raise ValueError(
                 f"--apo_lookahead_steps must be an integer >= 1 (1 is the one-step look-ahead); "
@@ -269,14 +263,18 @@ class APOArgumentsMixin:
             value = getattr(self, flag)
             if value is not None and not value >= 0:
                 raise ValueError(f"--{flag} must be >= 0; got {value!r}. Use 0 to drop that proximity term.")
-        if self.apo_loss_batch is not None and self.apo_loss_batch not in APO_LOSS_BATCHES:
-            raise ValueError(
-                f"--apo_loss_batch must be one of {', '.join(APO_LOSS_BATCHES)}; got {self.apo_loss_batch!r}."
-            )
-        if self.apo_precond_size not in APO_PRECOND_SIZES:
-            raise ValueError(
-                f"--apo_precond_size must be one of {', '.join(APO_PRECOND_SIZES)}; got {self.apo_precond_size!r}."
-            )
+        if self.apo_max_meta_step is not None and not self.apo_max_meta_step >= 1e-3:
+            raise ValueError(f"--apo_max_meta_step must be >= 0.001; got {self.apo_max_meta_step!r}.")
+        if self.apo_horizon is not None and not self.apo_horizon >= 1:
+            raise ValueError(f"--apo_horizon must be >= 1 (optimizer steps); got {self.apo_horizon!r}.")
+        if not 0 < self.apo_meta_batch_fraction <= 1:
+            raise ValueError(f"--apo_meta_batch_fraction must be in (0, 1]; got {self.apo_meta_batch_fraction!r}.")
+        if not self.apo_lr_clamp > 0:
+            raise ValueError(f"--apo_lr_clamp must be > 0; got {self.apo_lr_clamp!r}.")
+        if not isinstance(self.apo_max_factor_dim, int) or self.apo_max_factor_dim < 1:
+            raise ValueError(f"--apo_max_factor_dim must be an integer >= 1; got {self.apo_max_factor_dim!r}.")
+
+    def _validate_apo_combinations(self) -> None:
         if self.apo_precond_size != "factors" and self.apo != "precond":
             raise ValueError(f"--apo_precond_size {self.apo_precond_size} is --apo precond's; drop it or pass --apo "
                              "precond.")
@@ -288,33 +286,15 @@ class APOArgumentsMixin:
                 "--apo_lambda_fsd, --apo_lambda_wsd and --apo_horizon (or pass --apo_loss_batch same for the "
                 "proximal objective)."
             )
-        if self.apo_meta_optimizer is not None and self.apo_meta_optimizer not in APO_LR_META_OPTIMIZERS:
-            raise ValueError(
-                f"--apo_meta_optimizer must be one of {', '.join(APO_LR_META_OPTIMIZERS)}; got "
-                f"{self.apo_meta_optimizer!r}."
-            )
-        if self.apo_max_meta_step is not None and not self.apo_max_meta_step >= 1e-3:
-            raise ValueError(f"--apo_max_meta_step must be >= 0.001; got {self.apo_max_meta_step!r}.")
         if self.apo == "precond" and (self.apo_meta_optimizer not in (None, "adam") or self.apo_adaptive_interval):
             raise ValueError(
                 "--apo_meta_optimizer rprop and --apo_adaptive_interval are --apo lr's (a learning rate's meta step); "
                 "--apo precond's factors take their own Adam step every --apo_meta_interval steps. Drop them."
             )
-        if self.apo_horizon is not None and not self.apo_horizon >= 1:
-            raise ValueError(f"--apo_horizon must be >= 1 (optimizer steps); got {self.apo_horizon!r}.")
         if (self.apo_horizon or 1) > 1 and self.apo_setting("apo_loss_batch") != "next":
             raise ValueError(
                 "--apo_horizon > 1 weighs future losses read from future gradients: it needs --apo_loss_batch next."
             )
-        if str(self.apo_label_shift) not in ("auto", "0", "1"):
-            raise ValueError(f"--apo_label_shift must be auto, 0 or 1; got {self.apo_label_shift!r}.")
-        self.apo_label_shift = str(self.apo_label_shift)
-        if not 0 < self.apo_meta_batch_fraction <= 1:
-            raise ValueError(f"--apo_meta_batch_fraction must be in (0, 1]; got {self.apo_meta_batch_fraction!r}.")
-        if not self.apo_lr_clamp > 0:
-            raise ValueError(f"--apo_lr_clamp must be > 0; got {self.apo_lr_clamp!r}.")
-        if not isinstance(self.apo_max_factor_dim, int) or self.apo_max_factor_dim < 1:
-            raise ValueError(f"--apo_max_factor_dim must be an integer >= 1; got {self.apo_max_factor_dim!r}.")
 
     def _validate_apo_with_parent(self) -> None:
         if self.apo == "none":

@@ -36,7 +36,8 @@ from .apo_config import APO_DEFAULTS, DEEPSPEED_REFUSAL, APOArgumentsMixin, chec
 from .distributed import is_sharded, load_local_shards, safe_load, save_local_shards, shard_group
 from .lr import APOLR
 from .meta import MetaLearnedOptimizer
-from .objective import ProximalObjective, get_output
+from .batches import get_output
+from .objective import ProximalObjective
 from .precond import APOPrecond
 
 
@@ -121,43 +122,43 @@ class APOTrainerMixin:
                 "--apo none."
             )
         base = super().create_optimizer(model)
+        meta = dict(meta_interval=self.args.apo_setting("apo_meta_interval"), meta_lr=self.args.apo_effective_meta_lr,
+                    meta_batch_fraction=self.args.apo_meta_batch_fraction)
+        objective = self._apo_objective(opt_model)
+        if self.args.apo == "lr":
+            self.optimizer = self._apo_lr(base, objective, meta)
+        else:
+            self.optimizer = self._apo_precond(opt_model, base, objective, meta)
+        return self.optimizer
+
+    def _apo_objective(self, model) -> ProximalObjective:
         args = self.args
-        objective = ProximalObjective(
-            opt_model,
+        return ProximalObjective(
+            model,
             lambda_fsd=args.apo_setting("apo_lambda_fsd"),
             lambda_wsd=args.apo_lambda_wsd,
             loss_batch=args.apo_setting("apo_loss_batch"),
             horizon=args.apo_setting("apo_horizon"),
-            label_shift=label_shift_of(opt_model) if args.apo_label_shift == "auto" else int(args.apo_label_shift),
+            label_shift=label_shift_of(model) if args.apo_label_shift == "auto" else int(args.apo_label_shift),
         )
-        meta = dict(
-            meta_interval=args.apo_setting("apo_meta_interval"),
-            meta_lr=args.apo_effective_meta_lr,
-            meta_batch_fraction=args.apo_meta_batch_fraction,
-        )
-        if args.apo == "lr":
-            self.optimizer = APOLR(
-                base, objective, log_lr_range=(-args.apo_lr_clamp, args.apo_lr_clamp),
-                meta_optimizer=args.apo_setting("apo_meta_optimizer"),
-                adaptive_interval=args.apo_setting("apo_adaptive_interval"),
-                max_meta_step=args.apo_setting("apo_max_meta_step"), **meta,
-            )
-        else:
-            build = APOPrecond.from_adamw if isinstance(base, torch.optim.AdamW) else APOPrecond.from_sgd
-            self.optimizer = build(
-                base,
-                objective,
-                max_factor_dim=args.apo_max_factor_dim,
-                lookahead_steps=args.apo_lookahead_steps,
-                spectral_meta_step=args.apo_spectral_meta_step,
-                stochastic_rounding=args.apo_stochastic_rounding,
-                diagonal_row_params=self.apo_diagonal_row_params(opt_model),
-                shape_only=args.apo_precond_size in ("shape", "lr"),
-                **meta,
-            )
-            if args.apo_precond_size == "lr":
-                self.optimizer = self._apo_size_learner(opt_model, self.optimizer)
-        return self.optimizer
+
+    def _apo_lr(self, base, objective: ProximalObjective, meta: dict) -> APOLR:
+        args = self.args
+        return APOLR(base, objective, log_lr_range=(-args.apo_lr_clamp, args.apo_lr_clamp),
+                     meta_optimizer=args.apo_setting("apo_meta_optimizer"),
+                     adaptive_interval=args.apo_setting("apo_adaptive_interval"),
+                     max_meta_step=args.apo_setting("apo_max_meta_step"), **meta)
+
+    def _apo_precond(self, model, base, objective: ProximalObjective, meta: dict):
+        """APO-Precond over the AdamW or SGD the parent built; with ``--apo_precond_size lr``, inside APO-LR."""
+        args = self.args
+        build = APOPrecond.from_adamw if isinstance(base, torch.optim.AdamW) else APOPrecond.from_sgd
+        precond = build(base, objective, max_factor_dim=args.apo_max_factor_dim,
+                        lookahead_steps=args.apo_lookahead_steps, spectral_meta_step=args.apo_spectral_meta_step,
+                        stochastic_rounding=args.apo_stochastic_rounding,
+                        diagonal_row_params=self.apo_diagonal_row_params(model),
+                        shape_only=args.apo_precond_size in ("shape", "lr"), **meta)
+        return self._apo_size_learner(model, precond) if args.apo_precond_size == "lr" else precond
 
     def _apo_size_learner(self, model, precond: APOPrecond) -> APOLR:
         """``--apo_precond_size lr``: APO-LR's default (next batch, horizon 10,000, λ 0) learns one LR multiplier per

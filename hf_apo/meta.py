@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from .distributed import Layout
-from .objective import Batch, ProximalObjective, batch_size_of, move_batch, slice_batch
+from .batches import Batch, batch_size_of, move_batch, slice_batch
+from .objective import ProximalObjective
 
 
 def _validate_meta_args(meta_interval: int, meta_lr: float, meta_batch_fraction: float, meta_betas) -> None:

@@ -32,84 +32,21 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .batches import Batch, batch_size_of, default_forward, get_output
 from .distributed import backward_inputs, free_gathered, shares_of_global_count
 
-Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
 DivergenceFn = Callable[[Any, Any, Batch], torch.Tensor]
 
 DIVERGENCES = ("kl", "squared_error")
 LOSS_BATCHES = ("same", "next")
-
-
-def default_forward(model: nn.Module, batch: Batch) -> Any:
-    """Hugging Face convention: keyword batch in, output with ``loss`` and ``logits`` out."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def get_output(outputs: Any, key: str) -> torch.Tensor | None:
-    """Reads ``key`` from a ``ModelOutput``, a dict or an object attribute; None when absent."""
-    if isinstance(outputs, Mapping):
-        return outputs.get(key)
-    return getattr(outputs, key, None)
-
-
-def batch_size_of(batch: Batch) -> int | None:
-    """The leading dimension of the first tensor in ``batch``."""
-    for value in _tensors(batch):
-        return value.shape[0] if value.dim() > 0 else None
-    return None
-
-
-def slice_batch(batch: Batch, size: int) -> Batch:
-    """The first ``size`` examples of a batch: every tensor whose leading dimension is the batch size is cut."""
-    full = batch_size_of(batch)
-    if full is None or size >= full:
-        return batch
-
-    def cut(value):
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == full:
-            return value[:size]
-        return value
-
-    if isinstance(batch, Mapping):
-        return {k: cut(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(cut(v) for v in batch)
-    return cut(batch)
-
-
-def move_batch(batch: Batch, device: torch.device) -> Batch:
-    """``batch`` with every tensor on ``device`` (a restored meta batch may sit on the CPU)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: move_batch(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(v, device) for v in batch)
-    return batch
-
-
-def _tensors(batch: Batch) -> Iterator[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        yield batch
-    elif isinstance(batch, Mapping):
-        for value in batch.values():
-            yield from _tensors(value)
-    elif isinstance(batch, (tuple, list)):
-        for value in batch:
-            yield from _tensors(value)
 
 
 def kl_divergence(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -130,6 +67,31 @@ def squared_error_divergence(target: torch.Tensor, prediction: torch.Tensor) -> 
     dtype = torch.promote_types(prediction.dtype, torch.float32)
     diff = prediction.to(dtype) - target.detach().to(dtype)
     return 0.5 * diff.reshape(diff.shape[0], -1).pow(2).sum(dim=1).mean()
+
+
+def _check_settings(lambda_fsd, lambda_wsd, divergence, label_shift, loss_batch, horizon) -> None:
+    """ValueError on a setting :class:`ProximalObjective` cannot take; a warning on one that runs away."""
+    if loss_batch not in LOSS_BATCHES:
+        raise ValueError(f"loss_batch must be one of {LOSS_BATCHES}, got {loss_batch!r}.")
+    if not horizon >= 1:
+        raise ValueError(f"horizon must be >= 1 (steps), got {horizon!r}.")
+    if horizon > 1 and loss_batch != "next":
+        raise ValueError("horizon > 1 needs loss_batch='next' (the future losses are read from future gradients).")
+    if lambda_fsd < 0:
+        raise ValueError(f"lambda_fsd must be >= 0, got {lambda_fsd}.")
+    if lambda_wsd < 0:
+        raise ValueError(f"lambda_wsd must be >= 0, got {lambda_wsd}.")
+    if isinstance(divergence, str) and divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES} or a callable, got {divergence!r}.")
+    if label_shift not in (0, 1):
+        raise ValueError(f"label_shift must be 0 or 1, got {label_shift}.")
+    if lambda_fsd == 0 and lambda_wsd == 0 and loss_batch == "same":
+        warnings.warn(
+            "APO with lambda_fsd = lambda_wsd = 0 and loss_batch='same': the meta-objective is then the loss on "
+            "the same batch that produced the gradient, which rewards far too large a step; expect the learned "
+            "learning rate to run away. Set lambda_fsd > 0 (e.g. 10) or lambda_wsd > 0, or use loss_batch='next'.",
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -178,27 +140,7 @@ class ProximalObjective:
         loss_batch: str = "same",
         horizon: float = 1,
     ):
-        if loss_batch not in LOSS_BATCHES:
-            raise ValueError(f"loss_batch must be one of {LOSS_BATCHES}, got {loss_batch!r}.")
-        if not horizon >= 1:
-            raise ValueError(f"horizon must be >= 1 (steps), got {horizon!r}.")
-        if horizon > 1 and loss_batch != "next":
-            raise ValueError("horizon > 1 needs loss_batch='next' (the future losses are read from future gradients).")
-        if lambda_fsd < 0:
-            raise ValueError(f"lambda_fsd must be >= 0, got {lambda_fsd}.")
-        if lambda_wsd < 0:
-            raise ValueError(f"lambda_wsd must be >= 0, got {lambda_wsd}.")
-        if isinstance(divergence, str) and divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES} or a callable, got {divergence!r}.")
-        if label_shift not in (0, 1):
-            raise ValueError(f"label_shift must be 0 or 1, got {label_shift}.")
-        if lambda_fsd == 0 and lambda_wsd == 0 and loss_batch == "same":
-            warnings.warn(
-                "APO with lambda_fsd = lambda_wsd = 0 and loss_batch='same': the meta-objective is then the loss on "
-                "the same batch that produced the gradient, which rewards far too large a step; expect the learned "
-                "learning rate to run away. Set lambda_fsd > 0 (e.g. 10) or lambda_wsd > 0, or use loss_batch='next'.",
-                stacklevel=2,
-            )
+        _check_settings(lambda_fsd, lambda_wsd, divergence, label_shift, loss_batch, horizon)
         self.model = model
         self.lambda_fsd = float(lambda_fsd)
         self.lambda_wsd = float(lambda_wsd)
