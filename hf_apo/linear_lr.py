@@ -93,3 +93,26 @@ def check_linear_in_lr(optimizer: torch.optim.Optimizer) -> LinearInLR:
         if reason is not None:
             raise ValueError(f"APO-LR cannot wrap this {registry_key(optimizer)}: {reason}.")
     return entry
+
+
+BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+def wrapped_optimizer(params_or_optimizer, base: str, base_kwargs: dict) -> torch.optim.Optimizer:
+    """The optimizer APO-LR wraps: the one given, or one built from ``base``; ValueError unless its step is linear in
+    the LR (:mod:`hf_apo.linear_lr`, naming what is supported)."""
+    if isinstance(params_or_optimizer, torch.optim.Optimizer):
+        if base_kwargs:
+            raise ValueError(f"base optimizer keyword arguments {sorted(base_kwargs)} given with a built optimizer.")
+        optimizer = params_or_optimizer
+    else:
+        if base not in BASE_OPTIMIZERS:
+            raise ValueError(f"base must be one of {sorted(BASE_OPTIMIZERS)}, got {base!r}.")
+        optimizer = BASE_OPTIMIZERS[base](params_or_optimizer, **base_kwargs)
+    check_linear_in_lr(optimizer)
+    return optimizer

@@ -35,21 +35,8 @@ steps, each step's effect on the later iterates taken as persistent, which remov
 bias towards too small a learning rate in long runs. With λ_FSD = λ_WSD = 0 a meta step is dot products: no forward,
 no backward, no observed batch.
 
-The meta step on φ (``meta_optimizer``). ``"adam"``: Adam at ``meta_lr``, so φ moves about ``meta_lr`` per meta step
-whatever the meta-gradient's size, and a c× correction of the LR takes ln(c)/meta_lr meta steps. ``"rprop"``:
-sign-agreement step sizes (``torch.optim.Rprop``, iRprop−): φ moves by a step s against the meta-gradient's sign;
-s starts at ``meta_lr``, grows ×1.2 while the sign holds and halves (without a move) when it flips, within
-[1e-3, ``max_meta_step``]. A 100× correction then takes about 13 agreeing meta steps instead of 46, and near the right LR the
-flips shrink s, so φ settles instead of drifting.
-
-Cadence (``adaptive_interval``). Off: a meta step every ``meta_interval`` (K) steps. On: the first meta step is at
-step 1, and the next one follows at once (the next step) while φ keeps moving one way (some group's meta-gradient
-has the sign it had at the previous meta step), K steps later after a flip. With the next-batch objective and λ 0
-a meta step is dot products, so moving fast costs nothing.
-
-Warm-up. While the scheduled learning rate rises, the meta step only lowers φ: a meta-gradient measured during a
-warm-up says "larger" (the scheduled LR is below where it is going) and would undo the warm-up, but a too-large LR
-must still come down before the warm-up ends.
+The meta step on φ (``meta_optimizer`` Adam or Rprop), its cadence (``adaptive_interval``) and the warm-up rule:
+:mod:`hf_apo.phi_step`.
 
 With meta-learning off (``meta_lr = 0``) ``step()`` is the wrapped optimizer's step, bit for bit, and its
 foreach/fused kernels are used.
@@ -69,24 +56,14 @@ from typing import Any
 
 import torch
 
-from .linear_lr import check_linear_in_lr
+from .linear_lr import wrapped_optimizer
 from .distributed import Layout, local_tensor
 from .meta import MetaLearnedOptimizer
+from .next_batch import NextBatchTerms, _split
 from .objective import ProximalObjective
+from .phi_step import META_OPTIMIZERS, RPROP_MIN_STEP, Cadence, PhiMetaStep, build_meta_optimizer
 
-META_OPTIMIZERS = ("adam", "rprop")
-RPROP_ETAS = (0.5, 1.2)  # φ's step halves when the meta-gradient flips sign and grows ×1.2 while it keeps it
-RPROP_MIN_STEP = 1e-3  # φ's Rprop step never falls below 0.1% (never frozen); its bound above is max_meta_step
-
-BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "rmsprop": torch.optim.RMSprop,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
-
-
-class APOLR(MetaLearnedOptimizer):
+class APOLR(PhiMetaStep, NextBatchTerms, MetaLearnedOptimizer):
     """Learning-rate APO around a torch optimizer.
 
     Args:
@@ -134,22 +111,8 @@ class APOLR(MetaLearnedOptimizer):
         max_meta_step: float = 1.0,
         **base_kwargs: Any,
     ):
-        if isinstance(params_or_optimizer, torch.optim.Optimizer):
-            if base_kwargs:
-                raise ValueError(f"base optimizer keyword arguments {sorted(base_kwargs)} given with a built optimizer.")
-            base_optimizer = params_or_optimizer
-        else:
-            if base not in BASE_OPTIMIZERS:
-                raise ValueError(f"base must be one of {sorted(BASE_OPTIMIZERS)}, got {base!r}.")
-            base_optimizer = BASE_OPTIMIZERS[base](params_or_optimizer, **base_kwargs)
-        check_linear_in_lr(base_optimizer)  # ValueError naming what is supported (hf_apo/linear_lr.py)
-        if meta_optimizer not in META_OPTIMIZERS:
-            raise ValueError(f"meta_optimizer must be one of {', '.join(META_OPTIMIZERS)}, got {meta_optimizer!r}.")
-        if not max_meta_step >= RPROP_MIN_STEP:
-            raise ValueError(f"max_meta_step must be >= {RPROP_MIN_STEP}, got {max_meta_step!r}.")
-        low, high = (float(x) for x in log_lr_range)
-        if not low <= 0 <= high:
-            raise ValueError(f"log_lr_range must satisfy low <= 0 <= high, got {log_lr_range!r}.")
+        base_optimizer = wrapped_optimizer(params_or_optimizer, base, base_kwargs)
+        low, high = _check_meta_step_args(meta_optimizer, max_meta_step, log_lr_range)
         self.base_optimizer = base_optimizer
         # The groups are the base optimizer's own dicts: schedulers and the Trainer write group["lr"] there.
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
@@ -163,7 +126,7 @@ class APOLR(MetaLearnedOptimizer):
                                                    self.max_meta_step)
         self.adaptive_interval = bool(adaptive_interval)
         self._multipliers = [1.0] * len(self.param_groups)
-        self._cadence = _Cadence()
+        self._cadence = Cadence()
         # loss_batch "next": the look-ahead's part of ∂Q/∂φ per group and its value, awaiting the next gradient
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._displacement: list[torch.Tensor] | None = None  # loss_batch "next": D, the discounted sum of steps
@@ -201,23 +164,6 @@ class APOLR(MetaLearnedOptimizer):
         if not self.adaptive_interval:
             return super()._meta_step_scheduled()
         return self._pending is None and self.step_count >= self._cadence.next_meta_step
-
-    def _scheduled_lr_rises(self) -> bool:
-        """Whether the scheduler raised group["lr"] since the previous step (a warm-up); remembers this step's LRs.
-
-        A warm-up is the user's statement that the first steps must be small; a meta-gradient measured during it
-        says "larger" at every meta step and would undo it. Measured on the translation example (warm-up 50 steps,
-        lr 2e-3): with increases allowed, the multiplier reached 1.9 by step 75 and the model stalled on a plateau
-        (eval loss 0.78 against 0.003). Decreases stay allowed: a too-large LR must come down during the warm-up.
-        """
-        scheduled = [float(group["lr"]) for group in self.param_groups]  # a copy: torchao's LR is a tensor, filled
-        if self._previous_scheduled_lrs is None:
-            # torch schedulers keep group["initial_lr"]: a schedule that starts below it starts with a warm-up
-            rises = any(now < float(group.get("initial_lr", now)) for now, group in zip(scheduled, self.param_groups))
-        else:
-            rises = any(now > before for now, before in zip(scheduled, self._previous_scheduled_lrs))
-        self._previous_scheduled_lrs = scheduled
-        return rises
 
     def _update(self) -> None:
         self._warming_up = self._scheduled_lr_rises()
@@ -283,22 +229,8 @@ class APOLR(MetaLearnedOptimizer):
         torch._foreach_sub_(deltas, [p.detach() for p in params])
         torch._foreach_neg_(deltas)  # Δ = θ′ − θ, in place of the copy of θ
 
-        per_param = [zero] * len(params)
-        objective = zero
-        if batch is not None or self.objective.uses_meta_batch:
-            # g has been used by the base step: v goes into the .grad buffers (no further copy of the parameters).
-            result = self.objective.lookahead_gradient(sharded_params, batch, meta_batch, target, into_grad=True)
-            grads = [None if v is None else local_tensor(v) for v in result.lookahead_grads]
-            # ⟨Δ, v⟩ per parameter, multiplied in place in the .grad buffers and summed in at least float32.
-            reached = [i for i, v in enumerate(grads) if v is not None]
-            torch._foreach_mul_([grads[i] for i in reached], [deltas[i] for i in reached])
-            per_param = [zero if v is None else v.sum(dtype=dtype) for v in grads]
-            objective = result.objective.to(dtype)
-        proximity = zero
-        if wsd and params:
-            squared = [n.square() for n in torch._foreach_norm(deltas, 2, dtype=dtype)]
-            per_param = [dot + wsd * sq for dot, sq in zip(per_param, squared)]
-            proximity = 0.5 * wsd * torch.stack(squared).sum()
+        per_param, objective, proximity = self._terms_at_lookahead(sharded_params, deltas, (batch, meta_batch, target),
+                                                                   zero)
         meta_grad = torch.stack([torch.stack(chunk).sum() if chunk else zero for chunk in _split(per_param, sizes)])
         # sharded: this rank's parts of ⟨Δ, v⟩ and ‖Δ‖² made whole (v is already the mean over the ranks)
         packed = layout.sum_over_shards(torch.cat([meta_grad, proximity.reshape(1)]))
@@ -307,74 +239,25 @@ class APOLR(MetaLearnedOptimizer):
             objective = objective + proximity
         return _Lookahead(params, sizes, deltas, meta_grad, objective)
 
-    # -- loss_batch "next": the displacement and the delayed meta-gradient ------------------------------------
-    def _tracks_displacement(self, meta_step_due: bool) -> bool:
-        """Whether this step adds to D: with a horizon of one step only a look-ahead step does (D = Δ)."""
-        return (
-            self.objective is not None
-            and self.objective.loss_batch == "next"
-            and self.meta_lr > 0
-            and (meta_step_due or self.objective.horizon > 1)
-        )
-
-    def _displacement_before_step(self) -> None:
-        """D ← γ·D − θ (then + θ′ after the step: D ← γ·D + Δ, without a copy of θ)."""
-        if self._displacement is None:
-            self._displacement = _float_zeros_like(self._local_params())
-        gamma = self.objective.discount
-        if gamma != 1.0:
-            torch._foreach_mul_(self._displacement, gamma)
-        torch._foreach_sub_(self._displacement, [p.detach() for p in self._local_params()])
-
-    def _displacement_after_step(self) -> None:
-        torch._foreach_add_(self._displacement, [p.detach() for p in self._local_params()])
-
-    def _finish_delayed_meta_step(self) -> None:
-        """loss_batch "next": add ⟨D, ∇L_{B_t+1}(θ_t+1)⟩ per group, read from ``.grad``, and update φ.
-
-        D = Σ_s γ^(t−s) Δ_s is the discounted sum of the steps taken (Δ_t alone for a one-step horizon), so this is
-        ∂/∂φ of Σ_k γ^k L_{B_t+k+1}(θ_t+k+1) with each step's effect on the later iterates taken as persistent.
-        The step already taken is not rescaled: the gradient in ``.grad`` was computed at it, and the step that
-        follows uses the updated φ. Under the Trainer, ``.grad`` is the reduced, unscaled and clipped gradient.
-        """
-        (meta_grad, objective), self._pending = self._pending, None
-        # D lists every parameter, group after group (the order of all_params)
-        displacements = _split(self._displacement, [len(group["params"]) for group in self.param_groups])
-        dots_per_group = torch.zeros_like(meta_grad)
-        for index, (group, group_displacement) in enumerate(zip(self.param_groups, displacements)):
-            dots = [
-                _dot(d, local_tensor(p.grad)) for p, d in zip(group["params"], group_displacement) if p.grad is not None
-            ]
-            if dots:
-                dots_per_group[index] = torch.stack(dots).sum()
-        Layout.of(self.all_params()).sum_over_shards(dots_per_group)  # sharded: this rank's shards of D and g
-        meta_grad = meta_grad + dots_per_group
-        if self.objective.horizon == 1:
-            self._displacement = None  # rebuilt at the next look-ahead: no persistent copy of the parameters
-        self._apply_meta_gradient(meta_grad, objective)
-
-    def _apply_meta_gradient(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> list[float] | None:
-        """Reduce over ranks, guard, a meta step on φ and the clamp; the change of φ per group (None: skipped).
-
-        During a warm-up only the parts of the meta-gradient that lower φ (positive ones) are applied, and φ does not
-        rise. Then the cadence: the next look-ahead follows at once while φ keeps moving one way."""
-        self.last_meta_gradient = meta_grad.detach().cpu()
-        if not self._reduce_and_check(meta_grad, objective, Layout.of(self.all_params())):
-            self._cadence.schedule(moving=False, interval=self.meta_interval)
-            return None
-        grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
-        if self._warming_up:
-            grad = grad.clamp(min=0.0)  # a negative meta-gradient raises the LR: held while the schedule warms up
-        previous = self.log_lr.clone()
-        self.log_lr.grad = grad
-        self.meta_optimizer.step()
-        self.log_lr.grad = None
-        if self._warming_up:
-            torch.minimum(self.log_lr, previous, out=self.log_lr)
-        self.log_lr.clamp_(*self.log_lr_range)
-        self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
-        self._cadence.record(torch.sign(grad).tolist(), interval=self.meta_interval)
-        return (self.log_lr - previous).tolist()
+    def _terms_at_lookahead(self, sharded_params, deltas, batches, zero):
+        """At θ′: ⟨Δ, v⟩ + λ_WSD‖Δ‖² per parameter (v of the terms evaluated there), their value, and this rank's
+        (λ_WSD/2)·‖Δ‖² (zero without a weight-space term)."""
+        per_param, objective, proximity, wsd = [zero] * len(deltas), zero, zero, self.objective.lambda_wsd
+        batch, meta_batch, target = batches
+        if batch is not None or self.objective.uses_meta_batch:
+            # g has been used by the base step: v goes into the .grad buffers (no further copy of the parameters).
+            result = self.objective.lookahead_gradient(sharded_params, batch, meta_batch, target, into_grad=True)
+            grads = [None if v is None else local_tensor(v) for v in result.lookahead_grads]
+            # ⟨Δ, v⟩ per parameter, multiplied in place in the .grad buffers and summed in at least float32.
+            reached = [i for i, v in enumerate(grads) if v is not None]
+            torch._foreach_mul_([grads[i] for i in reached], [deltas[i] for i in reached])
+            per_param = [zero if v is None else v.sum(dtype=zero.dtype) for v in grads]
+            objective = result.objective.to(zero.dtype)
+        if wsd and deltas:
+            squared = [n.square() for n in torch._foreach_norm(deltas, 2, dtype=zero.dtype)]
+            per_param = [dot + wsd * sq for dot, sq in zip(per_param, squared)]
+            proximity = 0.5 * wsd * torch.stack(squared).sum()
+        return per_param, objective, proximity
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -393,31 +276,6 @@ class APOLR(MetaLearnedOptimizer):
             "cadence": self._cadence.state_dict(),
         }
         return state
-
-    def _local_params(self) -> list[torch.Tensor]:
-        """The parameters, or when sharded this rank's shards of them (views, so D follows the steps)."""
-        return [local_tensor(p) for p in self.all_params()]
-
-    def _pending_state(self) -> dict[str, Any] | None:
-        """loss_batch "next": the look-ahead's part of the meta-gradient and D (one copy of the parameters)."""
-        if self._pending is None and self._displacement is None:
-            return None
-        return {
-            "meta_grad": None if self._pending is None else self._pending[0].clone(),
-            "objective": None if self._pending is None else self._pending[1].clone(),
-            "displacement": None if self._displacement is None else [d.clone() for d in self._displacement],
-        }
-
-    def _load_pending_state(self, state: dict[str, Any] | None) -> None:
-        self._pending = self._displacement = None
-        if state is None:
-            return
-        params = self.all_params()
-        if state["displacement"] is not None:
-            self._displacement = [d.to(device=p.device) for d, p in zip(state["displacement"], params)]
-        if state["meta_grad"] is not None:
-            device = params[0].device if params else torch.device("cpu")
-            self._pending = (state["meta_grad"].to(device), state["objective"].to(device))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
@@ -443,7 +301,7 @@ class APOLR(MetaLearnedOptimizer):
         self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
         self._load_pending_state(apo.get("pending"))
         self._previous_scheduled_lrs = apo.get("previous_scheduled_lrs")
-        self._cadence = _Cadence.from_state_dict(apo.get("cadence"))
+        self._cadence = Cadence.from_state_dict(apo.get("cadence"))
 
     def metrics(self) -> dict[str, float]:
         metrics = super().metrics()
@@ -458,6 +316,17 @@ class APOLR(MetaLearnedOptimizer):
         return metrics
 
 
+def _check_meta_step_args(meta_optimizer: str, max_meta_step: float, log_lr_range) -> tuple[float, float]:
+    if meta_optimizer not in META_OPTIMIZERS:
+        raise ValueError(f"meta_optimizer must be one of {', '.join(META_OPTIMIZERS)}, got {meta_optimizer!r}.")
+    if not max_meta_step >= RPROP_MIN_STEP:
+        raise ValueError(f"max_meta_step must be >= {RPROP_MIN_STEP}, got {max_meta_step!r}.")
+    low, high = (float(x) for x in log_lr_range)
+    if not low <= 0 <= high:
+        raise ValueError(f"log_lr_range must satisfy low <= 0 <= high, got {log_lr_range!r}.")
+    return low, high
+
+
 @dataclass
 class _Lookahead:
     """A look-ahead step θ′ = θ + Δ(φ) and the part of ∂Q/∂φ evaluated at it (per parameter group)."""
@@ -467,66 +336,3 @@ class _Lookahead:
     deltas: list[torch.Tensor]  # Δ per parameter (empty when no term evaluated at θ′ needs it)
     meta_grad: torch.Tensor  # ⟨Δ, v⟩ + λ_WSD‖Δ‖² per group, v the look-ahead gradient of the terms evaluated
     objective: torch.Tensor  # the value of those terms
-
-
-def build_meta_optimizer(kind: str, log_lr: torch.Tensor, meta_lr: float, betas, max_step: float = 1.0):
-    """The optimizer of φ: Adam (steps of about ``meta_lr``) or Rprop (first step ``meta_lr``, sign-agreement sizes
-    within [1e-3, ``max_step``])."""
-    lr = meta_lr or 1.0  # meta_lr 0: never stepped
-    if kind == "adam":
-        return torch.optim.Adam([log_lr], lr=lr, betas=betas)
-    return torch.optim.Rprop([log_lr], lr=min(lr, max_step), etas=RPROP_ETAS, step_sizes=(RPROP_MIN_STEP, max_step))
-
-
-def keeps_moving(signs: list[float], previous_signs: list[float] | None) -> bool:
-    """Whether φ keeps moving one way: some group's meta-gradient has the (non-zero) sign it had the previous time.
-    The first meta step counts as moving."""
-    if previous_signs is None:
-        return True
-    return any(s != 0 and s == p for s, p in zip(signs, previous_signs))
-
-
-@dataclass
-class _Cadence:
-    """``adaptive_interval``: when the next look-ahead is due, from the signs of the meta-gradients."""
-
-    next_meta_step: int = 1  # the first look-ahead at step 1
-    lookahead_step: int = 0  # the step of the latest look-ahead (with loss_batch "next", applied one step later)
-    previous_signs: list[float] | None = None
-
-    def schedule(self, moving: bool, interval: int) -> None:
-        self.next_meta_step = self.lookahead_step + (1 if moving else interval)
-
-    def record(self, signs: list[float], interval: int) -> None:
-        self.schedule(keeps_moving(signs, self.previous_signs), interval)
-        self.previous_signs = signs
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"next_meta_step": self.next_meta_step, "lookahead_step": self.lookahead_step,
-                "previous_signs": self.previous_signs}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any] | None) -> _Cadence:
-        return cls(**state) if state else cls()
-
-
-def _float_zeros_like(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Zeros shaped like ``params`` in at least float32 (D sums many small steps: not in bf16)."""
-    return [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """⟨a, b⟩ in at least float32 (bf16/fp16 products are summed in float32)."""
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    if a.dtype == dtype and b.dtype == dtype:
-        return torch.dot(a.reshape(-1), b.reshape(-1))
-    return (a.to(dtype) * b.to(dtype)).sum()
-
-
-def _split(items: list, sizes: list[int]) -> list[list]:
-    """``items`` cut into consecutive chunks of the given sizes."""
-    chunks, start = [], 0
-    for size in sizes:
-        chunks.append(items[start:start + size])
-        start += size
-    return chunks

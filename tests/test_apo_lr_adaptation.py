@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_apo import APOLR, APOTrainingArguments, ProximalObjective
-from hf_apo.lr import RPROP_ETAS, RPROP_MIN_STEP, keeps_moving
+from hf_apo.phi_step import RPROP_ETAS, RPROP_MIN_STEP, keeps_moving
 from test_reduction import round_trip
 
 
