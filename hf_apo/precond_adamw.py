@@ -1,0 +1,266 @@
+"""APO-Precond's AdamW base (``base="adamw"``): P_φ applied to AdamW's direction, torch's own ops where the factors
+are the identity, and the meta-gradients through it (the look-ahead's, and the next batch's).
+
+AdamW (``base="adamw"``). Per group (lr η, betas β₁ β₂, eps ε, weight decay ω), with torch.optim.AdamW's moments of
+the raw gradient g (step t, starting at 1):
+
+    m ← β₁·m + (1 − β₁)·g,   v ← β₂·v + (1 − β₂)·g²,   u = m̂ / (√v̂ + ε),   m̂ = m/(1 − β₁ᵗ),  v̂ = v/(1 − β₂ᵗ)
+    θ ← θ·(1 − η·ω) − η · P_φ(u)                     # decoupled weight decay outside P, as torch.optim.AdamW
+
+P is linear, so the step is computed as torch does: θ·(1 − ηω) + (−η/(1 − β₁ᵗ)) · P(m / denom) with
+denom = √v / √(1 − β₂ᵗ) + ε; the moments, denom and step size come from the same ops in the same order as
+torch.optim.AdamW's single-tensor step. Exactness:
+
+* identity factors (meta_lr = 0, or before the first meta step): the step *is* torch's, ``θ.mul_(1 − ηω)`` then
+  ``θ.addcdiv_(m, denom, value=−η/(1 − β₁ᵗ))``: bitwise equal to ``torch.optim.AdamW(foreach=False)``, which is its
+  default on CPU (tests/test_precond_adamw.py, 50 steps, two groups with weight decay, float32 and bf16 without
+  stochastic rounding); also bitwise equal to ``foreach=True`` on CPU (tested). Against ``fused=True`` (CPU: it differs
+  from torch's own single-tensor step by up to 1.2e-7 relative in the same test) and the CUDA kernels of
+  ``foreach``/``fused`` (torch's CUDA defaults), equality is only up to their rounding (untested on CUDA).
+* learned factors: θ.add_(P(m / denom), alpha=−η/(1 − β₁ᵗ)), i.e. the quotient is rounded before it is scaled, where
+  ``addcdiv`` scales first. Factors that are exactly I but taken through this path differ from torch.optim.AdamW by
+  that rounding only: measured at most 1.5e-7 relative (max |Δθ| / max |θ| per tensor, 50 float32 steps; the test
+  allows 1e-6), the size of torch's own fused-vs-single-tensor difference.
+
+The moments are AdamW's, in the parameter's dtype, in the state dict under torch's keys (``step``, a float32 scalar
+tensor as torch keeps it, float64 under a float64 default dtype; ``exp_avg``, ``exp_avg_sq``), so a torch.optim.AdamW state loads (meta off: the run continues bitwise) and a
+resume is bitwise. ``amsgrad`` and ``maximize`` are refused.
+
+Meta-gradient (AdamW). u does not depend on φ, and θ′ = θ + Δ(φ) depends on φ only through P_φ(u) with
+∂Δ/∂P(u) = −η, so with the cotangent ∇_{θ′}Q = v + λ_WSD · Δ:
+
+    ∇_φ Q = VJP of φ ↦ P_φ(m / denom) with cotangent −η/(1 − β₁ᵗ) · (v + λ_WSD · Δ)     (the same VJP as for SGD).
+
+The look-ahead computes this step's moments (t + 1) without writing them: the real step, after the meta step, writes
+them. ``lookahead_steps`` follows SGD's momentum buffer and is refused above 1 for AdamW.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .distributed import Layout, local_tensor
+from .objective import ProximalObjective
+from .precision import no_autocast
+
+ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+class AdamWBase:
+    """The AdamW part of :class:`~hf_apo.precond.APOPrecond` (a mixin: it reads the optimizer's groups, state and
+    factors)."""
+
+    @classmethod
+    def from_adamw(cls, adamw: torch.optim.AdamW, objective: ProximalObjective | None = None, **meta_kwargs: Any):
+        """APO-Precond over the parameter groups and hyperparameters (lr, betas, eps, weight_decay, per group) of an
+        existing ``torch.optim.AdamW``; ``meta_kwargs`` are the APO arguments (``meta_lr``, ``meta_interval``, ...).
+
+        Refuses another optimizer class (``torch.optim.Adam`` included: its weight decay is not decoupled by default),
+        ``amsgrad=True`` and ``maximize=True``. AdamW's state (moments), if it has taken steps, is not copied: load its
+        ``state_dict()`` into the new optimizer for that. ``foreach`` / ``fused`` are not carried over: APO-Precond's
+        step is torch's single-tensor one (see the module docstring).
+        """
+        if not isinstance(adamw, torch.optim.AdamW):
+            raise ValueError(
+                f"APOPrecond.from_adamw needs a torch.optim.AdamW; got {type(adamw).__name__}. Use from_sgd for "
+                "torch.optim.SGD."
+            )
+        if meta_kwargs.get("base", "adamw") != "adamw":
+            raise ValueError(f"APOPrecond.from_adamw builds base='adamw', got base={meta_kwargs['base']!r}.")
+        meta_kwargs.pop("base", None)
+        if any(group.get("amsgrad") for group in adamw.param_groups):
+            raise ValueError("APO-Precond does not support AdamW's amsgrad=True; build the AdamW with amsgrad=False.")
+        if any(group.get("maximize") for group in adamw.param_groups):
+            raise ValueError("APO-Precond does not support maximize=True.")
+        groups = [
+            {"params": group["params"], **{k: _scalar(group[k]) if k != "betas" else tuple(map(_scalar, group[k]))
+                                           for k in ADAMW_KEYS}}
+            for group in adamw.param_groups
+        ]
+        return cls(groups, objective, base="adamw", **meta_kwargs)
+
+    def _wide(self, param: torch.Tensor) -> bool:
+        """Whether this parameter's AdamW step is formed in float32 and stochastically rounded (bf16 only)."""
+        return self.stochastic_rounding and param.dtype == torch.bfloat16
+
+    def _adam_moments(self, p: torch.Tensor, group: dict[str, Any], write: bool):
+        """(m, denom, step_size) of this step for parameter ``p``, as torch.optim.AdamW computes them (same ops, same
+        order): m and v updated with the raw gradient, denom = √v / √(1 − β₂ᵗ) + ε, step_size = η / (1 − β₁ᵗ).
+
+        ``write``: update the state in place (the real step); otherwise compute this step's moments into new tensors
+        and leave the state as it is (the look-ahead). For a stochastically rounded bf16 parameter, denom is float32.
+        """
+        state = self.state[p]
+        grad = local_tensor(p.grad)
+        beta1, beta2 = group["betas"]
+        if state:
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            step = float(state["step"])
+        else:
+            local = local_tensor(p)
+            exp_avg = torch.zeros_like(local, memory_format=torch.preserve_format)
+            exp_avg_sq = torch.zeros_like(local, memory_format=torch.preserve_format)
+            step = 0.0
+            if write:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
+        if write:
+            state["step"] += 1
+            step = float(state["step"])
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:
+            step += 1
+            exp_avg = exp_avg.lerp(grad, 1 - beta1)
+            exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = group["lr"] / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        if self._wide(p):
+            exp_avg_sq = exp_avg_sq.float()
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        return exp_avg, denom, step_size
+
+    def _adam_input(self, p: torch.Tensor, exp_avg: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+        """m / denom, the tensor P acts on (u = that / (1 − β₁ᵗ)); float32 for a stochastically rounded bf16 one."""
+        return (exp_avg.float() if self._wide(p) else exp_avg) / denom
+
+    def _adamw_update(self) -> None:
+        """The real AdamW step with the current factors (see the module docstring for where it is bitwise torch's)."""
+        for index, group in enumerate(self.param_groups):
+            params = self._params_with_grad(group)
+            if not params:
+                continue
+            self._last_step_lrs[index] = float(group["lr"])
+            decay = 1 - group["lr"] * group["weight_decay"]
+            for p in params:
+                target = local_tensor(p)
+                factors = self.factors[p]
+                if not self._wide(p) and group["weight_decay"] != 0:
+                    target.mul_(decay)
+                exp_avg, denom, step_size = self._adam_moments(p, group, write=True)
+                if self._wide(p):
+                    with no_autocast(p):
+                        update = factors.precondition(self._adam_input(p, exp_avg, denom))
+                    self._stochastic_add_(target, update, -step_size, decay=decay)
+                elif factors.is_identity:
+                    target.addcdiv_(exp_avg, denom, value=-step_size)  # torch.optim.AdamW's own op
+                else:
+                    with no_autocast(p):
+                        update = factors.precondition(self._adam_input(p, exp_avg, denom))
+                    target.add_(update, alpha=-step_size)
+
+    def _adamw_lookahead_(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[float]:
+        """θ ← θ′ = θ·(1 − ηω) − η/(1 − β₁ᵗ) · P_φ(m / denom) in place, with the current (not cached) factors and
+        this step's moments, which are not written; returns the cotangent scales −η/(1 − β₁ᵗ) (∂Δ/∂P(m/denom))."""
+        scales = []
+        for p in params:
+            target = local_tensor(p)
+            exp_avg, denom, step_size = self._adam_moments(p, group, write=False)
+            with no_autocast(p):
+                update = self.factors[p].precondition_full(self._adam_input(p, exp_avg, denom)).to(p.dtype)
+            del exp_avg, denom
+            if group["weight_decay"] != 0:
+                target.mul_(1 - group["lr"] * group["weight_decay"])
+            target.add_(update, alpha=-step_size)
+            scales.append(-step_size)
+        return scales
+
+    @torch.no_grad()
+    def next_batch_meta_update(self) -> bool:
+        """``loss_batch="next"`` (AdamW base, λ 0): a meta step on the loss of this step's batch at the parameters the
+        previous step gave, read from the gradient the training loop has just computed. No forward, no backward.
+
+        θ_t+1 = θ_t·(1 − η_t·ω) − η_t/(1 − β₁ᵗ) · P_φ(m_t / denom_t), and the moments after step t are still in the
+        state, so with g_t+1 = ∇L_{B_t+1}(θ_t+1) in ``.grad``
+
+            ∂L_{B_t+1}(θ_t+1)/∂φ = VJP of φ ↦ P_φ(m_t / denom_t) with cotangent −η_t/(1 − β₁ᵗ) · g_t+1,
+
+        the hypergradient of the factors (the same VJP as the look-ahead's; η_t is the LR the step used, a learned
+        multiplier included). One step late: the factors that step t used are the current ones. The same-batch
+        objective's pull towards a smaller step is absent, and with ``shape_only`` the size is not the factors' to
+        learn anyway. Returns False when skipped (a non-finite gradient, or no step taken yet).
+        """
+        params, meta_grads = [], []
+        for group, lr in zip(self.param_groups, self._last_step_lrs):
+            for p in self._params_with_grad(group):
+                state = self.state[p]
+                if lr is None or not state:
+                    continue
+                exp_avg, denom, step_size = _adam_direction(state, group, lr, wide=self._wide(p))
+                with no_autocast(p):
+                    cotangent = local_tensor(p.grad).to(self.factors[p].dtype).mul_(-step_size)
+                    meta_grads.extend(self.factors[p].vjp(self._adam_input(p, exp_avg, denom), cotangent))
+                params.append(p)
+        if not params:
+            return False
+        zero = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        stepped = self._step_factors(params, meta_grads, zero, zero, Layout.of(params))
+        self.last_meta_objective = float("nan")  # the loss is not evaluated: the Trainer logs it
+        return stepped
+
+
+def check_objective(objective: ProximalObjective | None, base: str) -> None:
+    """The meta-objectives APO-Precond takes: the paper's same-batch one, or over AdamW the next-batch loss alone."""
+    if objective is None or objective.loss_batch == "same":
+        return
+    if base != "adamw" or objective.lambda_fsd or objective.lambda_wsd or objective.horizon != 1:
+        raise ValueError(
+            "APO-Precond's next-batch meta-objective (loss_batch='next') is the next batch's loss alone over AdamW: "
+            "it needs base='adamw', lambda_fsd = lambda_wsd = 0 and horizon 1 (the moments of the step it scores are "
+            "still in AdamW's state; SGD's gradient is not). Use loss_batch='same' otherwise."
+        )
+
+
+def _adam_direction(state: dict[str, Any], group: dict[str, Any], lr: float, wide: bool):
+    """(m, denom, step size) of the step the AdamW state was last updated by, taken with learning rate ``lr``."""
+    beta1, beta2 = group["betas"]
+    step = float(state["step"])
+    exp_avg_sq = state["exp_avg_sq"].float() if wide else state["exp_avg_sq"]
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+    return state["exp_avg"], denom, lr / (1 - beta1**step)
+
+
+def validate_group(group: dict[str, Any], base: str) -> None:
+    """Refuse a parameter group whose hyperparameters the base would ignore or cannot take."""
+    if base == "sgd":
+        return  # SGD's groups are checked by the constructor's arguments, as before AdamW was a base
+    if "betas" not in group or "eps" not in group:
+        raise ValueError("APO-Precond with base='adamw' got a parameter group without betas and eps (a state saved "
+                         "with base='sgd'?).")
+    foreign = sorted(k for k in ("momentum", "dampening", "nesterov", "amsgrad", "maximize") if group.get(k))
+    if foreign:
+        raise ValueError(f"APO-Precond with base='adamw' does not take {', '.join(foreign)} in a parameter group.")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}.")
+    if not group["eps"] >= 0 or not group["lr"] >= 0 or not group["weight_decay"] >= 0:
+        raise ValueError(f"lr, eps and weight_decay must be >= 0, got {group['lr']}, {group['eps']} and "
+                         f"{group['weight_decay']}.")
+
+
+def _scalar(value):
+    """A float hyperparameter of a torch optimizer (it may hold a 0-dim tensor) as a Python float."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype of torch.optim.AdamW's ``step`` tensor (``torch.optim.optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def adamw_defaults(lr, betas, eps, weight_decay, momentum, dampening, nesterov, lookahead_steps) -> dict[str, Any]:
+    """The parameter groups' defaults of the AdamW base; ValueError on SGD's hyperparameters."""
+    if momentum != 0 or dampening != 0 or nesterov:
+        raise ValueError("momentum, dampening and nesterov are SGD's hyperparameters; with base='adamw' the "
+                         "first moment's decay is betas[0].")
+    if lookahead_steps != 1:
+        raise ValueError(
+            f"lookahead_steps={lookahead_steps} follows SGD's momentum buffer; base='adamw' supports only the "
+            "one-step look-ahead (lookahead_steps=1)."
+        )
+    return dict(lr=lr, betas=tuple((0.9, 0.999) if betas is None else betas), eps=1e-8 if eps is None else eps,
+                weight_decay=weight_decay)
