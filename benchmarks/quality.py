@@ -615,7 +615,6 @@ def plot(results: dict, output_dir: Path) -> list[str]:
         written.append(path.name)
 
         fig, ax = plt.subplots(figsize=(8, 5))
-        any_trace = False
         for label, method in task["selected"].items():
             if not label.startswith("apo_lr_"):
                 continue
@@ -628,7 +627,6 @@ def plot(results: dict, output_dir: Path) -> list[str]:
             mean_log = [statistics.fmean(math.log(t[i]) for t in traces) for i in range(length)]
             xs = [every * (i + 1) for i in range(length)]
             ax.plot(xs, [math.exp(v) for v in mean_log], label=f"APO-LR from {m['spec']['lr']:.0e}")
-            any_trace = True
         best = task["best_constant_lr"]
         ax.axhline(best, color="gray", ls="--", lw=0.8, label=f"best constant AdamW LR {best:.0e}")
         decay = task["methods"][task["selected"]["adamw_tuned_decay"]]["spec"]
@@ -641,8 +639,7 @@ def plot(results: dict, output_dir: Path) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel("learning rate (base × learned multiplier)")
         ax.set_title(f"{name}: APO-LR's learned learning rate (geometric mean over seeds)")
-        if any_trace or True:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)  # the best constant LR and the schedule are always drawn
         fig.tight_layout()
         path = output_dir / f"quality_{name}_apo_lr_schedule.png"
         fig.savefig(path, dpi=110)
