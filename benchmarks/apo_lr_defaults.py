@@ -45,7 +45,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import statistics
@@ -59,7 +58,8 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.common import (
-    DEFAULT_OUTPUT_DIR, MethodSpec, append_run, build_optimizer, environment, markdown_table, read_runs, write_json,
+    MethodSpec, append_run, build_optimizer, environment, markdown_table, read_runs, study_main,
+    write_json,
 )
 from benchmarks.tasks import TASKS, run_once
 
@@ -563,28 +563,15 @@ def write_report(output_dir: Path, quick: bool, environment: dict) -> dict:
     return report
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) a stage of the sweep on some tasks")
+def run_arguments(run) -> None:
     run.add_argument("--tasks", nargs="+", choices=(*SMALL_TASKS, *LARGE_TASKS), required=True)
     run.add_argument("--stage", type=int, choices=(1, 2), default=1)
     run.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), help="only these (default: the stage's)")
     run.add_argument("--grid_only", action="store_true", help="only the AdamW grid (it depends on no candidate)")
-    report = sub.add_parser("report", help="apply the rule to the finished runs; write the tables and plots")
-    for p in (run, report):
-        p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-        p.add_argument("--quick", action="store_true", help="30 steps, 1 seed: checks that the script runs")
-        p.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.command == "run":
-        run_command(args)
-    else:
-        write_report(args.output_dir, args.quick, environment())
+    study_main(__doc__, run_arguments, run_command, lambda args: write_report(args.output_dir, args.quick, environment()), argv)
 
 
 if __name__ == "__main__":

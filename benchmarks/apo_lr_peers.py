@@ -53,7 +53,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -67,7 +66,7 @@ import torch
 from benchmarks.apo_lr_defaults import (
     ADAMW_GRID, INIT_FACTORS, LONG_BUDGETS, TRAINER_TASKS, TaskSweep, load_runs,
 )
-from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec
+from benchmarks.common import MethodSpec, study_main
 
 SMALL = ("digits_classification", "digits_autoencoder", "teacher_student")
 LARGE = ("translation", "finetune", "lora")
@@ -483,46 +482,43 @@ def write_report(output_dir: Path, quick: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------------
-def run_command(args) -> None:
-    torch.set_num_threads(args.threads)
-    for task in args.tasks:
-        sweep = TaskSweep(task, args.output_dir, args.quick)
-        study = STUDY_CHECKPOINTS.get(task)
-        if not args.quick and study is not None and sweep.checkpoint != study:
-            raise SystemExit(
-                f"{task}: this study's runs fine-tune the pretrained checkpoint {study[:12]}…, but this machine's is "
-                f"{sweep.checkpoint[:12]}… (another torch or transformers version?): its runs would not be comparable."
-            )
-        if args.phase in ("baselines", "all"):
-            run_baselines(sweep)
-        if args.phase in ("candidates", "all"):
-            names = args.candidates or (list(CANDIDATES) if args.stage == 1 or args.quick
-                                        else finalists(args.output_dir, args.quick))
-            run_candidates(sweep, names)
+def study_sweep(task: str, output_dir: Path, quick: bool) -> TaskSweep:
+    """The task's sweep; refused when a Trainer task's pretrained checkpoint is not the one this study's runs used."""
+    sweep = TaskSweep(task, output_dir, quick)
+    study = STUDY_CHECKPOINTS.get(task)
+    if not quick and study is not None and sweep.checkpoint != study:
+        raise SystemExit(
+            f"{task}: this study's runs fine-tune the pretrained checkpoint {study[:12]}…, but this machine's is "
+            f"{sweep.checkpoint[:12]}… (another torch or transformers version?): its runs would not be comparable."
+        )
+    return sweep
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) a phase on some scenarios")
-    run.add_argument("--tasks", nargs="+", choices=SCENARIOS, required=True)
-    run.add_argument("--phase", choices=("baselines", "candidates", "all"), required=True)
-    run.add_argument("--stage", type=int, choices=(1, 2), default=1)
-    run.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), help="only these (default: the stage's)")
-    report = sub.add_parser("report", help="apply the rule to the finished runs; write the tables and plots")
-    for p in (run, report):
-        p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-        p.add_argument("--quick", action="store_true", help="30 steps, 1 seed: checks that the script runs")
-        p.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
+def phased_main(doc: str, candidates, baselines, candidate_runs, finalists_of, report, argv=None) -> None:
+    """The command line of a study run in phases over :data:`SCENARIOS` (this one, ``apo_precond_split.py``): ``run
+    --phase baselines|candidates|all [--stage 1|2]``, each task's sweep checked against the study's checkpoint."""
+    def run_arguments(run) -> None:
+        run.add_argument("--tasks", nargs="+", choices=SCENARIOS, required=True)
+        run.add_argument("--phase", choices=("baselines", "candidates", "all"), required=True)
+        run.add_argument("--stage", type=int, choices=(1, 2), default=1)
+        run.add_argument("--candidates", nargs="+", choices=list(candidates), help="only these (default: the stage's)")
+
+    def run_command(args) -> None:
+        torch.set_num_threads(args.threads)
+        for task in args.tasks:
+            sweep = study_sweep(task, args.output_dir, args.quick)
+            if args.phase in ("baselines", "all"):
+                baselines(sweep)
+            if args.phase in ("candidates", "all"):
+                names = args.candidates or (list(candidates) if args.stage == 1 or args.quick
+                                            else finalists_of(args.output_dir, args.quick))
+                candidate_runs(sweep, names)
+
+    study_main(doc, run_arguments, run_command, lambda args: report(args.output_dir, args.quick), argv)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.command == "run":
-        run_command(args)
-    else:
-        write_report(args.output_dir, args.quick)
+    phased_main(__doc__, CANDIDATES, run_baselines, run_candidates, finalists, write_report, argv)
 
 
 if __name__ == "__main__":

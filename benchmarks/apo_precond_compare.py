@@ -64,7 +64,6 @@ there, so a killed sweep resumes. Usage::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -80,7 +79,7 @@ import torch
 
 from benchmarks.apo_lr_defaults import ADAMW_GRID, LONG_BUDGETS, load_runs as load_apo_lr_runs, mean_final
 from benchmarks.common import (
-    DEFAULT_OUTPUT_DIR, MethodSpec, append_run, environment, markdown_table, read_runs, write_json,
+    MethodSpec, append_run, environment, markdown_table, read_runs, study_main, write_json,
 )
 from benchmarks.tasks import TASKS, run_once
 
@@ -550,28 +549,15 @@ def write_report(output_dir: Path, quick: bool, env: dict) -> dict:
     return report
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) the sweep on some tasks")
+def run_arguments(run) -> None:
     run.add_argument("--tasks", nargs="+", choices=TASK_NAMES, required=True)
     run.add_argument("--no_precision", action="store_true", help="skip the bf16 runs")
     run.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=None,
                      help="run only these APO-Precond candidates (default: all; e.g. to split a task over two processes)")
-    report = sub.add_parser("report", help="apply the rule to the finished runs and write the tables")
-    for p in (run, report):
-        p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-        p.add_argument("--quick", action="store_true", help="30 steps, 1 seed: checks that the script runs")
-        p.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.command == "run":
-        run_command(args)
-    else:
-        write_report(args.output_dir, args.quick, environment())
+    study_main(__doc__, run_arguments, run_command, lambda args: write_report(args.output_dir, args.quick, environment()), argv)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -67,14 +66,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 from benchmarks.apo_lr_defaults import TRAINER_TASKS, TaskSweep
 from benchmarks.apo_lr_peers import (
-    GRIDS, LARGE, SCENARIOS, SMALL, STUDY_CHECKPOINTS, adamw_name, best_linear_lr, cell_value, cosine_lrs, run_adamw,
-    runs_by, seeds_of, tuned_baseline,
+    GRIDS, SCENARIOS, SMALL, adamw_name, best_linear_lr, cell_value, cosine_lrs, run_adamw,
+    phased_main, runs_by, seeds_of, tuned_baseline,
 )
-from benchmarks.common import DEFAULT_OUTPUT_DIR, MethodSpec, environment
+from benchmarks.common import MethodSpec, environment
 
 # APO-Precond over AdamW: meta_lr 0.01 and K 10 (the shipping values); the factors' objective and the size's learner
 _FACTORS = dict(meta_lr=0.01, meta_interval=10, lambda_wsd=0.0, horizon=1.0)
@@ -316,43 +313,8 @@ def write_report(output_dir: Path, quick: bool) -> dict:
     return summary
 
 
-def run_command(args) -> None:
-    torch.set_num_threads(args.threads)
-    for task in args.tasks:
-        sweep = TaskSweep(task, args.output_dir, args.quick)
-        study = STUDY_CHECKPOINTS.get(task)
-        if not args.quick and study is not None and sweep.checkpoint != study:
-            raise SystemExit(f"{task}: the pretrained checkpoint is not this study's ({study[:12]}…).")
-        if args.phase in ("baselines", "all"):
-            run_baselines(sweep)
-        if args.phase in ("candidates", "all"):
-            names = args.candidates or (list(CANDIDATES) if args.stage == 1 or args.quick
-                                        else finalists(args.output_dir, args.quick))
-            run_candidates(sweep, names)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) a phase on some scenarios")
-    run.add_argument("--tasks", nargs="+", choices=SCENARIOS, required=True)
-    run.add_argument("--phase", choices=("baselines", "candidates", "all"), required=True)
-    run.add_argument("--stage", type=int, choices=(1, 2), default=1)
-    run.add_argument("--candidates", nargs="+", choices=list(CANDIDATES))
-    report = sub.add_parser("report", help="apply the rule to the finished runs; write the tables")
-    for p in (run, report):
-        p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-        p.add_argument("--quick", action="store_true", help="30 steps, 1 seed: checks that the script runs")
-        p.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.command == "run":
-        run_command(args)
-    else:
-        write_report(args.output_dir, args.quick)
+    phased_main(__doc__, CANDIDATES, run_baselines, run_candidates, finalists, write_report, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the differences measured are the optimizers' own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -418,3 +419,21 @@ class _NoBar:  # pragma: no cover
 
     def close(self):
         pass
+
+
+def study_main(doc: str, run_arguments: Callable[[argparse.ArgumentParser], None], run: Callable, report: Callable,
+               argv=None) -> None:
+    """The command line every study shares: ``run`` (or resume) some of its runs (the study adds its arguments with
+    ``run_arguments``), ``report`` the rule's outcome from the runs on file; both take --output_dir, --quick and
+    --threads."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="run (or resume) some of the study's runs")
+    run_arguments(run_parser)
+    report_parser = sub.add_parser("report", help="apply the rule to the finished runs; write the tables and plots")
+    for p in (run_parser, report_parser):
+        p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+        p.add_argument("--quick", action="store_true", help="30 steps, 1 seed: checks that the script runs")
+        p.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    (run if args.command == "run" else report)(args)
