@@ -88,10 +88,22 @@ def trainer_for(model, tokenizer, args, train, evaluation, optimizer=None) -> AP
 # pretraining (English → German), cached
 # ---------------------------------------------------------------------------------------------------------------
 def pretrained_checkpoint(cache_dir: Path, settings: dict) -> dict:
-    """Pretrain (or reuse) the en→de model in ``cache_dir``; returns its record (``pretrain.json``)."""
-    fingerprint = json.dumps({**settings, "corpus": offline_default.cache_fingerprint(), "eval_pairs": EVAL_PAIRS,
-                              "torch": torch.__version__, "transformers": transformers.__version__}, sort_keys=True)
-    digest = hashlib.sha256(fingerprint.encode()).hexdigest()
+    """Pretrain (or reuse) the en→de Marian model in ``cache_dir``; returns its record (``pretrain.json``)."""
+    def model_for(model_dir, tokenizer):
+        return AutoModelForSeq2SeqLM.from_config(transformers.AutoConfig.from_pretrained(model_dir))
+
+    return cached_pretraining(cache_dir, settings, {}, model_for, APOSeq2SeqTrainingArguments, trainer_for, encode)
+
+
+def cached_pretraining(cache_dir: Path, settings: dict, fingerprint: dict, model_for, arguments_class, trainer_of,
+                       encoder) -> dict:
+    """Pretrain (or reuse) a model on en→de in ``cache_dir`` (finetune.py's and lora.py's): reused when the hash of
+    ``settings``, ``fingerprint``, the corpus and the torch and transformers versions matches the one it was made with.
+    ``model_for(model_dir, tokenizer)`` builds the fresh model; the Trainer comes from ``arguments_class`` and
+    ``trainer_of``, the examples from ``encoder``. Returns the checkpoint's record (``pretrain.json``)."""
+    digest = hashlib.sha256(json.dumps({
+        **settings, **fingerprint, "corpus": offline_default.cache_fingerprint(), "eval_pairs": EVAL_PAIRS,
+        "torch": torch.__version__, "transformers": transformers.__version__}, sort_keys=True).encode()).hexdigest()
     marker, record_file = cache_dir / "COMPLETE", cache_dir / "pretrain.json"
     if marker.is_file() and marker.read_text().strip() == digest and record_file.is_file():
         return json.loads(record_file.read_text())
@@ -101,17 +113,17 @@ def pretrained_checkpoint(cache_dir: Path, settings: dict) -> dict:
     model_dir = offline_default.prepare(str(CACHE_ROOT / "offline_translation")).model_dir
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(settings["seed"])
-    model = AutoModelForSeq2SeqLM.from_config(transformers.AutoConfig.from_pretrained(model_dir))
+    model = model_for(model_dir, tokenizer)
     src, tgt = offline_default.SOURCE_LANG, offline_default.TARGET_LANG
     with tempfile.TemporaryDirectory() as output_dir:
-        args = APOSeq2SeqTrainingArguments(
+        args = arguments_class(
             output_dir=output_dir, apo="none", max_steps=settings["steps"], seed=settings["seed"],
             per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=100,
             learning_rate=settings["learning_rate"], warmup_steps=settings["warmup_steps"], lr_scheduler_type="linear",
             optim="adamw_torch", logging_steps=max(1, settings["steps"] // 10), save_strategy="no", report_to="none",
             use_cpu=True, disable_tqdm=True)
-        trainer = trainer_for(model, tokenizer, args, encode(tokenizer, load_pairs("train"), src, tgt),
-                              encode(tokenizer, load_pairs("validation")[:EVAL_PAIRS], src, tgt))
+        trainer = trainer_of(model, tokenizer, args, encoder(tokenizer, load_pairs("train"), src, tgt),
+                             encoder(tokenizer, load_pairs("validation")[:EVAL_PAIRS], src, tgt))
         trainer.train()
         eval_loss = trainer.evaluate()["eval_loss"]
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -49,11 +48,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import peft
 import torch
-import transformers
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PrinterCallback
 
 from benchmarks.common import DEFAULT_OUTPUT_DIR, _jsonable, environment
-from benchmarks.finetune import CACHE_ROOT, EVAL_PAIRS, load_pairs, offline_default, quiet, read_rows, run_key
+from benchmarks.finetune import (
+    CACHE_ROOT, EVAL_PAIRS, cached_pretraining, load_pairs, offline_default, quiet, read_rows, run_key,
+)
 from hf_apo import APOTrainer, APOTrainingArguments
 
 MODEL = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
@@ -98,46 +98,14 @@ def lora_model(pretrained_dir: str | Path) -> peft.PeftModel:
 # pretraining (English → German, full fine-tuning), cached
 # ---------------------------------------------------------------------------------------------------------------
 def pretrained_checkpoint(cache_dir: Path, settings: dict) -> dict:
-    """Pretrain (or reuse) the en→de model in ``cache_dir``; returns its record (``pretrain.json``)."""
-    fingerprint = json.dumps({**settings, "model": MODEL, "corpus": offline_default.cache_fingerprint(),
-                              "eval_pairs": EVAL_PAIRS, "torch": torch.__version__,
-                              "transformers": transformers.__version__}, sort_keys=True)
-    digest = hashlib.sha256(fingerprint.encode()).hexdigest()
-    marker, record_file = cache_dir / "COMPLETE", cache_dir / "pretrain.json"
-    if marker.is_file() and marker.read_text().strip() == digest and record_file.is_file():
-        return json.loads(record_file.read_text())
+    """Pretrain (or reuse) the en→de Llama in ``cache_dir``; returns its record (``pretrain.json``)."""
+    def model_for(model_dir, tokenizer):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            **MODEL))
 
-    print(f"pretraining en→de for {settings['steps']} steps into {cache_dir}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    model_dir = offline_default.prepare(str(CACHE_ROOT / "offline_translation")).model_dir
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(settings["seed"])
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                         **MODEL))
-    src, tgt = offline_default.SOURCE_LANG, offline_default.TARGET_LANG
-    with tempfile.TemporaryDirectory() as output_dir:
-        args = APOTrainingArguments(
-            output_dir=output_dir, apo="none", max_steps=settings["steps"], seed=settings["seed"],
-            per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=100,
-            learning_rate=settings["learning_rate"], warmup_steps=settings["warmup_steps"], lr_scheduler_type="linear",
-            optim="adamw_torch", logging_steps=max(1, settings["steps"] // 10), save_strategy="no", report_to="none",
-            use_cpu=True, disable_tqdm=True)
-        trainer = trainer_for(model, tokenizer, args, encode(tokenizer, load_pairs("train"), src, tgt),
-                              encode(tokenizer, load_pairs("validation")[:EVAL_PAIRS], src, tgt))
-        trainer.train()
-        eval_loss = trainer.evaluate()["eval_loss"]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    model.save_pretrained(cache_dir)
-    tokenizer.save_pretrained(cache_dir)
-    record = {"dir": str(cache_dir), "settings_sha256": digest, "settings": settings, "eval_loss_en_de": eval_loss,
-              "train_losses": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
-              "wall_s": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads()}
-    record_file.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
-    marker.write_text(digest + "\n")
-    print(f"pretrained in {record['wall_s']} s, en→de eval loss {eval_loss:.4f}", file=sys.stderr, flush=True)
-    return record
+    return cached_pretraining(cache_dir, settings, {"model": MODEL}, model_for, APOTrainingArguments, trainer_for,
+                              encode)
 
 
 # ---------------------------------------------------------------------------------------------------------------
