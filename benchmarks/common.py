@@ -278,6 +278,9 @@ def optimizer_state_bytes(optimizer, model: torch.nn.Module) -> int:
     if isinstance(optimizer, APOLR):
         total += tensor_bytes([optimizer.log_lr, list(optimizer.meta_optimizer.state.values()),
                                optimizer._displacement], seen, exclude)
+        if optimizer.inner is not None:  # APO-LR learning the size over APO-Precond: its factors count too
+            total += optimizer_state_bytes(optimizer.inner, model) - tensor_bytes(
+                list(optimizer.state.values()), set(), exclude)  # the moments, shared, counted once
     if isinstance(optimizer, APOPrecond):
         for factors in optimizer.factors.values():
             total += tensor_bytes([factors.tensors, factors._cache], seen, exclude)
