@@ -356,7 +356,10 @@ def summarize(output_dir: Path, quick: bool) -> dict:
     stage2 = candidate_scores(output_dir, SCENARIOS, chosen, quick) if chosen else {}
     stage2_cells = len(cells(output_dir, SCENARIOS, lambda t: [apo_name(n) for n in chosen], quick)) if chosen else 0
     winner = ordered_by_rule(stage2)[0] if stage2 and stage2_cells == 4 * len(SCENARIOS) else None
-    everything = cells(output_dir, SCENARIOS, ranked_methods, quick)
+    everything = cells(output_dir, SMALL, ranked_methods, quick)  # every candidate ran there
+    if chosen:  # stage 2's scenarios: the finalists beside the peers and AdamW
+        everything.update(cells(output_dir, LARGE, lambda t: [apo_name(n) for n in chosen] + ranked_methods(t)[
+            len(CANDIDATES):], quick))
     schedules = {}
     for task in tuned:
         schedules[task] = {}
@@ -372,7 +375,9 @@ def summarize(output_dir: Path, quick: bool) -> dict:
                        for m, v in e.items()} for (t, lr), e in everything.items()}
     return {
         "tuned": tuned, "schedules": schedules, "stage1": stage1, "stage1_cells": stage1_done, "finalists": chosen, "stage2": stage2,
-        "stage2_cells": stage2_cells, "winner": winner, "cells": table, "mean_ranks": mean_ranks(table),
+        "stage2_cells": stage2_cells, "winner": winner, "cells": table,
+        "mean_ranks": mean_ranks({k: e for k, e in table.items() if k[0] in SMALL}),
+        "mean_ranks_stage2": mean_ranks({k: e for k, e in table.items() if k[0] in LARGE}),
         "targets": {m: targets(m, table, tuned, by_task) for m in methods},
         "by_task": by_task,
     }
@@ -399,11 +404,16 @@ def markdown(summary: dict, quick: bool) -> str:
     lines += ["## Tuned AdamW", "", markdown_table(
         ["scenario", "steps", "seeds", "best linear LR", "its value", "best constant", "best warm-up + cosine"],
         rows), ""]
-    done = len(table)
+    done = sum(1 for t, _ in table if t in SMALL)
     lines += [f"## All methods: mean rank over the {done} finished cells (of {4 * len(SCENARIOS)})", ""]
     ranks = summary["mean_ranks"]
     lines += [markdown_table(["method", "mean rank"], [[m, f"{r:.2f}"] for m, r in sorted(ranks.items(),
                                                                                         key=lambda x: x[1])]), ""]
+    if summary.get("mean_ranks_stage2"):
+        later = sum(1 for t, _ in table if t in LARGE)
+        lines += [f"Stage 2's scenarios ({later} finished cells: the finalists, the peers and AdamW-linear at the "
+                  "initial LR):", "", markdown_table(["method", "mean rank"], [[m, f"{r:.2f}"] for m, r in sorted(
+                      summary["mean_ranks_stage2"].items(), key=lambda x: x[1])]), ""]
     for task in SCENARIOS:
         task_cells = {lr: e for (t, lr), e in table.items() if t == task}
         if not task_cells:
