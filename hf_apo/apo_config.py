@@ -59,16 +59,13 @@ class APOArgumentsMixin:
         metadata={
             "help": "Amortized Proximal Optimization: 'none' (the parent Trainer, unchanged), 'lr' (meta-learn the "
             "learning rate of --optim: adamw_torch(_fused), sgd, rmsprop, adagrad, adafactor, torchao's and "
-            "bitsandbytes' low-bit AdamW and Lion) or 'precond' (meta-learn a "
-            "per-layer Kronecker preconditioner of --optim's direction: adamw_torch, adamw_torch_fused or sgd).",
+            "bitsandbytes' low-bit AdamW and Lion) or 'precond' (meta-learn a per-layer Kronecker preconditioner "
+            "of --optim's direction: adamw_torch, adamw_torch_fused or sgd).",
             "choices": list(APO_MODES),
         },
     )
     apo_meta_interval: int | None = field(
-        default=None,
-        metadata={
-            "help": "Take a meta step every this many optimizer steps (K). Must be >= 1. Default: 10."
-        },
+        default=None, metadata={"help": "Take a meta step every this many optimizer steps (K). Must be >= 1. Default: 10."}
     )
     apo_meta_lr: float | None = field(
         default=None,
@@ -110,10 +107,8 @@ class APOArgumentsMixin:
             "choices": list(APO_PRECOND_SIZES),
         },
     )
-    apo_lambda_wsd: float = field(
-        default=0.0,
-        metadata={"help": "Weight of the weight-space proximity term (1/2)||theta' - theta||^2. Must be >= 0."},
-    )
+    apo_lambda_wsd: float = field(default=0.0, metadata={
+        "help": "Weight of the weight-space proximity term (1/2)||theta' - theta||^2. Must be >= 0."})
     apo_horizon: float | None = field(
         default=None,
         metadata={
@@ -167,13 +162,9 @@ class APOArgumentsMixin:
         metadata={"help": "--apo lr (and --apo_precond_size lr): the log learning-rate multiplier is clamped to [-c, c] (a "
                   "numerical guard). > 0."},
     )
-    apo_max_factor_dim: int = field(
-        default=1024,
-        metadata={
-            "help": "--apo precond: a weight side longer than this, or than the weight's other side, gets a diagonal "
-            "factor instead of a dense one (the vocabulary side of embeddings always does). >= 1."
-        },
-    )
+    apo_max_factor_dim: int = field(default=1024, metadata={
+        "help": "--apo precond: a weight side longer than this, or than the weight's other side, gets a diagonal "
+        "factor instead of a dense one (the vocabulary side of embeddings always does). >= 1."})
     apo_lookahead_steps: int = field(
         default=1,
         metadata={
@@ -215,6 +206,15 @@ class APOArgumentsMixin:
         if flag == "apo_loss_batch":
             return loss_batch
         return APO_DEFAULTS[(mode, loss_batch)][flag]
+
+    def to_dict(self):
+        """The parent's dict (what reporters such as W&B record) with each unset ``--apo_*`` flag's value in effect; the
+        fields stay unset, so ``dataclasses.replace(args, apo_loss_batch=...)`` still takes that batch's defaults."""
+        values = super().to_dict()
+        if self.apo != "none":
+            for flag in ("apo_loss_batch", *APO_DEFAULTS[("lr", "next")]):
+                values[flag] = self.apo_setting(flag)
+        return values
 
     @property
     def apo_effective_meta_lr(self) -> float:

@@ -304,3 +304,18 @@ def test_fp16_overflow_skips_the_meta_step_too():
         scaler.update()
         optimizer.zero_grad()
     assert optimizer.step_count == 3 and optimizer.meta_steps == 3
+
+
+def test_to_dict_records_the_values_in_effect(tmp_path):
+    """What reporters log (``to_dict``) holds the values the run uses; the fields stay unset, so replacing the loss
+    batch still takes that batch's defaults."""
+    import dataclasses
+
+    args = arguments(tmp_path, cls=APOTrainingArguments, apo="lr")
+    logged = args.to_dict()
+    assert args.apo_meta_lr is None and args.apo_lambda_fsd is None
+    assert [logged[f] for f in ("apo_loss_batch", "apo_meta_lr", "apo_lambda_fsd", "apo_horizon")] == [
+        "next", 0.1, 0.0, 10_000.0]
+    same = dataclasses.replace(args, apo_loss_batch="same").to_dict()
+    assert [same[f] for f in ("apo_lambda_fsd", "apo_horizon")] == [10.0, 1.0]
+    assert arguments(tmp_path, cls=APOTrainingArguments).to_dict()["apo_meta_lr"] is None  # --apo none: untouched
