@@ -2,6 +2,7 @@
 
 import inspect
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +320,12 @@ def test_to_dict_records_the_values_in_effect(tmp_path):
     same = dataclasses.replace(args, apo_loss_batch="same").to_dict()
     assert [same[f] for f in ("apo_lambda_fsd", "apo_horizon")] == [10.0, 1.0]
     assert arguments(tmp_path, cls=APOTrainingArguments).to_dict()["apo_meta_lr"] is None  # --apo none: untouched
+
+
+def test_docs_flag_table_is_generated_from_the_fields():
+    """docs/flags.md's table is what the fields' help says (``python docs/make_flags.py`` rewrites it)."""
+    import runpy
+
+    make_flags = runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "make_flags.py"))
+    assert make_flags["main"](["--check"]) == 0
+    assert "--apo_precond_size {factors,shape,lr}" in make_flags["table"]()
