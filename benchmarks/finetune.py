@@ -228,44 +228,49 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    return run_grid(args, pretrained_checkpoint, (PRETRAIN, QUICK_PRETRAIN), "finetune_pretrained", finetune_run,
+                    "apo_args")
+
+
+def run_grid(args, pretrain, pretrain_settings, cache_name: str, run, args_key: str, extra: dict | None = None):
+    """Every config × LR × seed of ``args`` not yet in ``args.out``, each run with ``run`` on the checkpoint ``pretrain``
+    makes (or reuses) and appended as it ends: the command line of this script and of lora.py. ``args_key`` names a
+    row's config arguments; ``extra`` goes into every row."""
     torch.set_num_threads(args.threads)
     quiet()
-    settings = dict(QUICK_PRETRAIN if args.quick else PRETRAIN)
+    settings = dict(pretrain_settings[1] if args.quick else pretrain_settings[0])
     if args.pretrain_steps is not None:
         settings["steps"] = args.pretrain_steps
-    pretrained_dir = args.pretrained_dir or CACHE_ROOT / ("finetune_pretrained_quick" if args.quick
-                                                          else "finetune_pretrained")
-    pretrained = pretrained_checkpoint(pretrained_dir, settings)
+    pretrained_dir = args.pretrained_dir or CACHE_ROOT / (f"{cache_name}_quick" if args.quick else cache_name)
+    pretrained = pretrain(pretrained_dir, settings)
     lrs, seeds, steps, run_options = args.lrs, args.seeds, args.steps, {}
     if args.quick:
         lrs, seeds, steps = [max(args.lrs)], args.seeds[:1], 20
         run_options = {"eval_steps": 10, "logging_steps": 5, "eval_pairs": 100}
-
     info = environment()
     existing = {run_key(row): row for row in read_rows(args.out)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], 0
-    for name, apo_args in args.configs.items():
-        for lr in lrs:
-            for seed in seeds:
-                key = (name, float(lr), seed, steps)
-                if key in existing:
-                    if existing[key]["apo_args"] != apo_args:
-                        print(f"warning: {key} is in {args.out} with apo_args {existing[key]['apo_args']}, not "
-                              f"{apo_args}; skipped anyway (rename the config to run it)", file=sys.stderr)
-                    skipped += 1
-                    continue
-                result = finetune_run(lr, seed, apo_args, steps, pretrained_dir=pretrained_dir, **run_options)
-                row = {"config": name, "apo_args": apo_args, "learning_rate": lr, "seed": seed, "steps": steps,
-                       **result, "quick": args.quick,
-                       "pretrained": {k: pretrained[k] for k in ("settings_sha256", "settings", "eval_loss_en_de")},
-                       "environment": {**info, "load_average_at_end": list(os.getloadavg())}}
-                with open(args.out, "a", encoding="utf-8") as writer:
-                    writer.write(json.dumps(_jsonable(row), allow_nan=False) + "\n")
-                rows.append(row)
-                print(f"{name} lr={lr:g} seed={seed}: eval loss {result['eval_losses'][0]:.4f} -> "
-                      f"{result['final_eval_loss']:.4f} in {result['wall_s']:.1f} s"
-                      + (" (diverged)" if result["diverged"] else ""), file=sys.stderr, flush=True)
+    for name, config in args.configs.items():
+        for lr, seed in ((lr, seed) for lr in lrs for seed in seeds):
+            key = (name, float(lr), seed, steps)
+            if key in existing:
+                if existing[key][args_key] != config:
+                    print(f"warning: {key} is in {args.out} with {args_key} {existing[key][args_key]}, not {config}; "
+                          "skipped anyway (rename the config to run it)", file=sys.stderr)
+                skipped += 1
+                continue
+            result = run(lr, seed, config, steps, pretrained_dir=pretrained_dir, **run_options)
+            row = {"config": name, args_key: config, "learning_rate": lr, "seed": seed, "steps": steps,
+                   **result, "quick": args.quick, **(extra or {}),
+                   "pretrained": {k: pretrained[k] for k in ("settings_sha256", "settings", "eval_loss_en_de")},
+                   "environment": {**info, "load_average_at_end": list(os.getloadavg())}}
+            with open(args.out, "a", encoding="utf-8") as writer:
+                writer.write(json.dumps(_jsonable(row), allow_nan=False) + "\n")
+            rows.append(row)
+            print(f"{name} lr={lr:g} seed={seed}: eval loss {result['eval_losses'][0]:.4f} -> "
+                  f"{result['final_eval_loss']:.4f} in {result['wall_s']:.1f} s"
+                  + (" (diverged)" if result["diverged"] else ""), file=sys.stderr, flush=True)
     if skipped:
         print(f"{skipped} run(s) already in {args.out}: skipped", file=sys.stderr)
     return rows

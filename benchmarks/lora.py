@@ -50,9 +50,9 @@ import peft
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PrinterCallback
 
-from benchmarks.common import DEFAULT_OUTPUT_DIR, _jsonable, environment
+from benchmarks.common import DEFAULT_OUTPUT_DIR
 from benchmarks.finetune import (
-    CACHE_ROOT, EVAL_PAIRS, cached_pretraining, load_pairs, offline_default, quiet, read_rows, run_key,
+    CACHE_ROOT, EVAL_PAIRS, cached_pretraining, load_pairs, offline_default, run_grid,
 )
 from hf_apo import APOTrainer, APOTrainingArguments
 
@@ -187,46 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    quiet()
-    settings = dict(QUICK_PRETRAIN if args.quick else PRETRAIN)
-    if args.pretrain_steps is not None:
-        settings["steps"] = args.pretrain_steps
-    pretrained_dir = args.pretrained_dir or CACHE_ROOT / ("lora_pretrained_quick" if args.quick else "lora_pretrained")
-    pretrained = pretrained_checkpoint(pretrained_dir, settings)
-    lrs, seeds, steps, run_options = args.lrs, args.seeds, args.steps, {}
-    if args.quick:
-        lrs, seeds, steps = [max(args.lrs)], args.seeds[:1], 20
-        run_options = {"eval_steps": 10, "logging_steps": 5, "eval_pairs": 100}
-
-    info = environment()
-    existing = {run_key(row): row for row in read_rows(args.out)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows, skipped = [], 0
-    for name, trainer_args in args.configs.items():
-        for lr in lrs:
-            for seed in seeds:
-                key = (name, float(lr), seed, steps)
-                if key in existing:
-                    if existing[key]["trainer_args"] != trainer_args:
-                        print(f"warning: {key} is in {args.out} with trainer_args {existing[key]['trainer_args']}, "
-                              f"not {trainer_args}; skipped anyway (rename the config to run it)", file=sys.stderr)
-                    skipped += 1
-                    continue
-                result = lora_run(lr, seed, trainer_args, steps, pretrained_dir=pretrained_dir, **run_options)
-                row = {"config": name, "trainer_args": trainer_args, "learning_rate": lr, "seed": seed,
-                       "steps": steps, **result, "quick": args.quick, "lora": LORA,
-                       "pretrained": {k: pretrained[k] for k in ("settings_sha256", "settings", "eval_loss_en_de")},
-                       "environment": {**info, "load_average_at_end": list(os.getloadavg())}}
-                with open(args.out, "a", encoding="utf-8") as writer:
-                    writer.write(json.dumps(_jsonable(row), allow_nan=False) + "\n")
-                rows.append(row)
-                print(f"{name} lr={lr:g} seed={seed}: eval loss {result['eval_losses'][0]:.4f} -> "
-                      f"{result['final_eval_loss']:.4f} in {result['wall_s']:.1f} s"
-                      + (" (diverged)" if result["diverged"] else ""), file=sys.stderr, flush=True)
-    if skipped:
-        print(f"{skipped} run(s) already in {args.out}: skipped", file=sys.stderr)
-    return rows
+    return run_grid(args, pretrained_checkpoint, (PRETRAIN, QUICK_PRETRAIN), "lora_pretrained", lora_run,
+                    "trainer_args", extra={"lora": LORA})
 
 
 if __name__ == "__main__":
