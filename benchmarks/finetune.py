@@ -209,20 +209,27 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
+    return grid_arguments(__doc__, [1e-5, 1e-4, 1e-3], 600, "finetune", PRETRAIN, QUICK_PRETRAIN,
+                          "APO keyword arguments of APOSeq2SeqTrainingArguments", argv)
+
+
+def grid_arguments(doc: str, lrs: list[float], steps: int, name: str, pretrain: dict, quick_pretrain: dict,
+                   configs_help: str, argv=None) -> argparse.Namespace:
+    """The command line of this script and of lora.py: configs × LRs × seeds, appended to ``--out``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--lrs", type=float, nargs="+", default=lrs)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", type=json.loads, default=DEFAULT_CONFIGS,
-                        help="JSON object: config name -> APO keyword arguments of APOSeq2SeqTrainingArguments")
-    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps per run")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUTPUT_DIR / "finetune_runs.jsonl")
+                        help=f"JSON object: config name -> {configs_help}")
+    parser.add_argument("--steps", type=int, default=steps, help="fine-tuning steps per run")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUTPUT_DIR / f"{name}_runs.jsonl")
     parser.add_argument("--pretrained_dir", type=Path, default=None,
-                        help="checkpoint cache (default <tmp>/hf_apo_benchmarks/finetune_pretrained[_quick])")
-    parser.add_argument("--pretrain_steps", type=int, default=None, help=f"default {PRETRAIN['steps']}")
+                        help=f"checkpoint cache (default <tmp>/hf_apo_benchmarks/{name}_pretrained[_quick])")
+    parser.add_argument("--pretrain_steps", type=int, default=None, help=f"default {pretrain['steps']}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps a shared machine's noise "
                         "low: 2 threads on 2 busy cores can slow a step by 10-100x)")
-    parser.add_argument("--quick", action="store_true", help="seconds: pretrain 100 steps, fine-tune 20 steps, "
-                        "the first seed and the largest learning rate, 100 eval pairs")
+    parser.add_argument("--quick", action="store_true", help=f"seconds: pretrain {quick_pretrain['steps']} steps, "
+                        "fine-tune 20 steps, the first seed and the largest learning rate, 100 eval pairs")
     return parser.parse_args(argv)
 
 

@@ -34,7 +34,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -50,9 +49,8 @@ import peft
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PrinterCallback
 
-from benchmarks.common import DEFAULT_OUTPUT_DIR
 from benchmarks.finetune import (
-    CACHE_ROOT, EVAL_PAIRS, cached_pretraining, load_pairs, offline_default, run_grid,
+    CACHE_ROOT, EVAL_PAIRS, cached_pretraining, grid_arguments, load_pairs, offline_default, run_grid,
 )
 from hf_apo import APOTrainer, APOTrainingArguments
 
@@ -62,7 +60,6 @@ PRETRAIN = {"steps": 600, "learning_rate": 3e-3, "warmup_steps": 50, "batch_size
 QUICK_PRETRAIN = {**PRETRAIN, "steps": 60}
 LORA = {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-DEFAULT_CONFIGS = {"adamw": {"apo": "none"}, "apo_lr": {"apo": "lr"}}
 
 
 def encode(tokenizer, pairs: list[dict], source: str, target: str) -> list[dict]:
@@ -168,21 +165,8 @@ def lora_run(learning_rate: float, seed: int, trainer_args: dict, steps: int = 3
 # command line
 # ---------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", type=json.loads, default=DEFAULT_CONFIGS,
-                        help="JSON object: config name -> keyword arguments of APOTrainingArguments (apo*, optim, ...)")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUTPUT_DIR / "lora_runs.jsonl")
-    parser.add_argument("--pretrained_dir", type=Path, default=None,
-                        help="checkpoint cache (default <tmp>/hf_apo_benchmarks/lora_pretrained[_quick])")
-    parser.add_argument("--pretrain_steps", type=int, default=None, help=f"default {PRETRAIN['steps']}")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps a shared machine's noise "
-                        "low)")
-    parser.add_argument("--quick", action="store_true", help="seconds: pretrain 60 steps, fine-tune 20 steps, "
-                        "the first seed and the largest learning rate, 100 eval pairs")
-    return parser.parse_args(argv)
+    return grid_arguments(__doc__, [1e-4, 1e-3, 1e-2], 300, "lora", PRETRAIN, QUICK_PRETRAIN,
+                          "keyword arguments of APOTrainingArguments (apo*, optim, ...)", argv)
 
 
 def main(argv=None) -> list[dict]:
