@@ -161,6 +161,15 @@ def finetune_run(learning_rate: float, seed: int, apo_args: dict, steps: int = 6
     src, tgt = offline_default.TARGET_LANG, offline_default.SOURCE_LANG  # reversed: German → English
     train = encode(tokenizer, load_pairs("train"), src, tgt)
     evaluation = encode(tokenizer, load_pairs("validation")[:eval_pairs], src, tgt)
+    return train_and_record(model, tokenizer, APOSeq2SeqTrainingArguments, trainer_for, apo_args, (train, evaluation),
+                            learning_rate, seed, steps, eval_steps, logging_steps, optimizer_builder, started)
+
+
+def train_and_record(model, tokenizer, arguments_class, trainer_of, config: dict, data, learning_rate: float, seed: int,
+                     steps: int, eval_steps: int, logging_steps: int, optimizer_builder, started: float) -> dict:
+    """Fine-tune ``model`` with the Trainer (linear decay, no warm-up, unless ``config`` says otherwise) and return the
+    run's record: the validation curve from step 0, the training losses, the learned LR multiplier, time, divergence.
+    This script's and lora.py's runs."""
     with tempfile.TemporaryDirectory() as output_dir:
         settings = dict(
             output_dir=output_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=learning_rate,
@@ -169,9 +178,9 @@ def finetune_run(learning_rate: float, seed: int, apo_args: dict, steps: int = 6
             per_device_eval_batch_size=100, disable_tqdm=True,
             logging_nan_inf_filter=False,  # a diverged run must log its NaN, not the previous average
         )
-        args = APOSeq2SeqTrainingArguments(**{**settings, **apo_args})  # apo_args may set optim / optim_args
+        args = arguments_class(**{**settings, **config})  # config may set apo*, optim, the schedule, ...
         optimizer = optimizer_builder(model) if optimizer_builder is not None else None
-        trainer = trainer_for(model, tokenizer, args, train, evaluation, optimizer)
+        trainer = trainer_of(model, tokenizer, args, *data, optimizer)
         # step 0: the pretrained model on the new task (kept here: train() starts a new log history)
         initial = trainer.evaluate()["eval_loss"]
         trainer.train()

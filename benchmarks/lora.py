@@ -34,10 +34,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +49,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, Lla
 
 from benchmarks.finetune import (
     CACHE_ROOT, EVAL_PAIRS, cached_pretraining, grid_arguments, load_pairs, offline_default, run_grid,
+    train_and_record,
 )
 from hf_apo import APOTrainer, APOTrainingArguments
 
@@ -125,40 +124,11 @@ def lora_run(learning_rate: float, seed: int, trainer_args: dict, steps: int = 3
     src, tgt = offline_default.TARGET_LANG, offline_default.SOURCE_LANG  # reversed: German → English
     train = encode(tokenizer, load_pairs("train"), src, tgt)
     evaluation = encode(tokenizer, load_pairs("validation")[:eval_pairs], src, tgt)
-    with tempfile.TemporaryDirectory() as output_dir:
-        settings = dict(
-            output_dir=output_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=learning_rate,
-            seed=seed, lr_scheduler_type="linear", warmup_steps=0, eval_strategy="steps", eval_steps=eval_steps,
-            logging_steps=logging_steps, save_strategy="no", report_to="none", use_cpu=True, optim="adamw_torch",
-            per_device_eval_batch_size=100, disable_tqdm=True,
-            logging_nan_inf_filter=False,  # a diverged run must log its NaN, not the previous average
-        )
-        args = APOTrainingArguments(**{**settings, **trainer_args})  # may set apo*, optim, the schedule, ...
-        optimizer = optimizer_builder(model) if optimizer_builder else None
-        trainer = trainer_for(model, tokenizer, args, train, evaluation, optimizer)
-        # step 0: the pretrained model on the new task (kept here: train() starts a new log history)
-        initial = trainer.evaluate()["eval_loss"]
-        trainer.train()
-        if not any(h.get("step") == steps and "eval_loss" in h for h in trainer.state.log_history):
-            trainer.evaluate()
+    record = train_and_record(model, tokenizer, APOTrainingArguments, trainer_for, trainer_args, (train, evaluation),
+                              learning_rate, seed, steps, eval_steps, logging_steps, optimizer_builder, started)
     # the base model must not have moved: only the adapters train
     assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
-    history = trainer.state.log_history
-    evals = [(0, initial)] + [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    logs = [h for h in history if "loss" in h]
-    losses = [h["loss"] for h in logs] + [loss for _, loss in evals]
-    return {
-        "final_eval_loss": evals[-1][1],
-        "eval_steps": [s for s, _ in evals],
-        "eval_losses": [loss for _, loss in evals],
-        "train_steps": [h["step"] for h in logs],
-        "train_losses": [h["loss"] for h in logs],
-        "lr_multiplier": [h["apo/lr_multiplier"] for h in logs if "apo/lr_multiplier" in h],
-        # "learning_rates", not "learning_rate": a row's "learning_rate" is the run's initial learning rate
-        "learning_rates": [h.get("apo/learning_rate", h.get("learning_rate")) for h in logs],
-        "wall_s": round(time.perf_counter() - started, 2),
-        "diverged": not all(math.isfinite(v) for v in losses),
-    }
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------
