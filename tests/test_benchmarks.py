@@ -248,15 +248,17 @@ def test_apo_precond_split_quick_applies_the_rule(tmp_path):
     and the stage-1 ranks and percentages are recomputed here from the rows."""
     pytest.importorskip("sklearn")
     pytest.importorskip("heavyball")
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    script = str(REPO_ROOT / "benchmarks" / "apo_precond_split.py")
-    common = ["--quick", "--output_dir", str(tmp_path)]
-    for command in (["run", "--tasks", "digits_autoencoder", "--phase", "all"], ["report"]):
-        completed = subprocess.run([sys.executable, script, *command, *common], cwd=REPO_ROOT, env=env,
-                                   capture_output=True, text=True, timeout=400)
-        assert completed.returncode == 0, completed.stderr[-4000:]
     sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks import apo_precond_split
     from benchmarks.apo_precond_split import CANDIDATES, SOAP_FACTORS
+
+    common = ["--quick", "--output_dir", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:  # in this process: the script's command line, without a second interpreter's start-up
+        for command in (["run", "--tasks", "digits_autoencoder", "--phase", "all"], ["report"]):
+            apo_precond_split.main([*command, *common])
+    finally:
+        torch.set_num_threads(threads)
 
     report = json.loads((tmp_path / "apo_precond_split.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / "apo_lr_runs" / "digits_autoencoder.jsonl").open()]
@@ -277,7 +279,6 @@ def test_apo_precond_split_quick_applies_the_rule(tmp_path):
     # the spectra of the learned factors, at the tuned LR those runs found: shape-only factors keep mean eigenvalue 1
     from benchmarks import precond_spectra
 
-    threads = torch.get_num_threads()
     try:
         precond_spectra.main(["--task", "digits_autoencoder", "--candidates", "precond_same", "split_next", *common])
     finally:
