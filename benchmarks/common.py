@@ -96,17 +96,6 @@ class MethodSpec:
         return asdict(self)
 
 
-def learned_size(precond: APOPrecond, model, divergence: str, forward: Callable | None) -> APOLR:
-    """APO-LR's default (what ``--apo lr`` runs) learning one LR multiplier per group over ``precond``, as
-    ``--apo_precond_size lr`` builds it."""
-    settings = apo_lr_defaults()
-    objective = ProximalObjective(model, lambda_fsd=settings["lambda_fsd"], divergence=divergence, forward=forward,
-                                  loss_batch=settings["loss_batch"], horizon=settings["horizon"])
-    return APOLR(precond, objective, meta_interval=settings["meta_interval"], meta_lr=settings["meta_lr"],
-                 meta_optimizer=settings["meta_optimizer"], adaptive_interval=settings["adaptive_interval"],
-                 max_meta_step=settings["max_meta_step"])
-
-
 def heavyball_eager():
     """heavyball with torch.compile switched off (it compiles by default; the peers here all run eagerly)."""
     import heavyball
@@ -148,7 +137,7 @@ def build_optimizer(
                 shape_only=spec.precond_size in ("shape", "lr"), **meta,
             )
             if spec.precond_size == "lr":
-                optimizer = learned_size(optimizer, model, divergence, forward)
+                optimizer = APOLR.default_over(optimizer, model, divergence=divergence, forward=forward)
     elif spec.kind == "adamw":
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=wd)
     elif spec.kind == "sgd":
@@ -278,13 +267,11 @@ def optimizer_state_bytes(optimizer, model: torch.nn.Module) -> int:
     if isinstance(optimizer, APOLR):
         total += tensor_bytes([optimizer.log_lr, list(optimizer.meta_optimizer.state.values()),
                                optimizer._displacement], seen, exclude)
-        if optimizer.inner is not None:  # APO-LR learning the size over APO-Precond: its factors count too
-            total += optimizer_state_bytes(optimizer.inner, model) - tensor_bytes(
-                list(optimizer.state.values()), set(), exclude)  # the moments, shared, counted once
-    if isinstance(optimizer, APOPrecond):
-        for factors in optimizer.factors.values():
+    precond = optimizer.inner if isinstance(optimizer, APOLR) else optimizer  # APO-LR may learn APO-Precond's size
+    if isinstance(precond, APOPrecond):
+        for factors in precond.factors.values():
             total += tensor_bytes([factors.tensors, factors._cache], seen, exclude)
-        total += tensor_bytes(list(optimizer.meta_optimizer.state.values()), seen, exclude)
+        total += tensor_bytes(list(precond.meta_optimizer.state.values()), seen, exclude)
     if isinstance(optimizer, MetaLearnedOptimizer):
         total += tensor_bytes([optimizer._current_batch, optimizer._previous_batch], seen, exclude)
     return total

@@ -32,7 +32,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer import SCHEDULER_NAME, get_fsdp_ckpt_kwargs
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .apo_config import APO_DEFAULTS, DEEPSPEED_REFUSAL, APOArgumentsMixin, check_apo_fsdp
+from .apo_config import DEEPSPEED_REFUSAL, APOArgumentsMixin, check_apo_fsdp
 from .distributed import is_sharded, load_local_shards, safe_load, save_local_shards, shard_group
 from .lr import APOLR
 from .meta import MetaLearnedOptimizer
@@ -161,17 +161,10 @@ class APOTrainerMixin:
         return self._apo_size_learner(model, precond) if args.apo_precond_size == "lr" else precond
 
     def _apo_size_learner(self, model, precond: APOPrecond) -> APOLR:
-        """``--apo_precond_size lr``: APO-LR's default (next batch, horizon 10,000, λ 0) learns one LR multiplier per
-        group over the shape-only factors; the step's LR is the scheduled one times the multiplier."""
-        lr_defaults = APO_DEFAULTS[("lr", "next")]
-        objective = ProximalObjective(model, lambda_fsd=lr_defaults["apo_lambda_fsd"], loss_batch="next",
-                                      horizon=lr_defaults["apo_horizon"])
-        return APOLR(precond, objective, meta_interval=lr_defaults["apo_meta_interval"],
-                     meta_lr=lr_defaults["apo_meta_lr"] if self.args.apo_effective_meta_lr > 0 else 0.0,
-                     log_lr_range=(-self.args.apo_lr_clamp, self.args.apo_lr_clamp),
-                     meta_optimizer=lr_defaults["apo_meta_optimizer"],
-                     adaptive_interval=lr_defaults["apo_adaptive_interval"],
-                     max_meta_step=lr_defaults["apo_max_meta_step"])
+        """``--apo_precond_size lr``: APO-LR's default learns one LR multiplier per group over the shape-only factors;
+        the step's LR is the scheduled one times the multiplier."""
+        return APOLR.default_over(precond, model, meta_lr=None if self.args.apo_effective_meta_lr > 0 else 0.0,
+                                  log_lr_range=(-self.args.apo_lr_clamp, self.args.apo_lr_clamp))
 
     def apo_diagonal_row_params(self, model) -> list:
         """``--apo precond``: the parameters whose row side gets a diagonal factor (the vocabulary weights)."""

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from .linear_lr import wrapped_optimizer
+from .defaults import APO_DEFAULTS
 from .distributed import Layout, local_tensor
 from .meta import MetaLearnedOptimizer
 from .next_batch import NextBatchTerms, _split
@@ -133,6 +134,17 @@ class APOLR(PhiMetaStep, NextBatchTerms, MetaLearnedOptimizer):
         self._previous_scheduled_lrs: list[float] | None = None  # group["lr"] at the previous step(): warm-up?
         self._warming_up = False  # the scheduled LR rose at this step: the meta step only lowers φ
         self._initialized = True
+
+    @classmethod
+    def default_over(cls, optimizer, model, meta_lr: float | None = None, log_lr_range=(-10.0, 10.0), **objective):
+        """``--apo lr``'s default (hf_apo.defaults: next batch, horizon 10,000, λ 0) around ``optimizer``, e.g. a
+        shape-only APO-Precond whose size it learns (``--apo_precond_size lr``); ``objective``: ProximalObjective's."""
+        s = APO_DEFAULTS[("lr", "next")]
+        objective = ProximalObjective(model, lambda_fsd=s["apo_lambda_fsd"], loss_batch="next", horizon=s["apo_horizon"],
+                                      **objective)
+        return cls(optimizer, objective, meta_interval=s["apo_meta_interval"], log_lr_range=log_lr_range,
+                   meta_lr=s["apo_meta_lr"] if meta_lr is None else meta_lr, meta_optimizer=s["apo_meta_optimizer"],
+                   adaptive_interval=s["apo_adaptive_interval"], max_meta_step=s["apo_max_meta_step"])
 
     @property
     def lr_multipliers(self) -> list[float]:

@@ -115,13 +115,7 @@ class AdamWBase:
             step += 1
             exp_avg = exp_avg.lerp(grad, 1 - beta1)
             exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = group["lr"] / bias_correction1
-        bias_correction2_sqrt = bias_correction2**0.5
-        if self._wide(p):
-            exp_avg_sq = exp_avg_sq.float()
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        denom, step_size = _denom_and_step_size(exp_avg_sq, step, group, group["lr"], self._wide(p))
         return exp_avg, denom, step_size
 
     def _adam_input(self, p: torch.Tensor, exp_avg: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
@@ -190,7 +184,10 @@ class AdamWBase:
                 state = self.state[p]
                 if lr is None or not state:
                     continue
-                exp_avg, denom, step_size = _adam_direction(state, group, lr, wide=self._wide(p))
+                # the step the state was last updated by, with the LR it was taken with
+                exp_avg = state["exp_avg"]
+                denom, step_size = _denom_and_step_size(state["exp_avg_sq"], float(state["step"]), group, lr,
+                                                        self._wide(p))
                 with no_autocast(p):
                     cotangent = local_tensor(p.grad).to(self.factors[p].dtype).mul_(-step_size)
                     meta_grads.extend(self.factors[p].vjp(self._adam_input(p, exp_avg, denom), cotangent))
@@ -215,13 +212,14 @@ def check_objective(objective: ProximalObjective | None, base: str) -> None:
         )
 
 
-def _adam_direction(state: dict[str, Any], group: dict[str, Any], lr: float, wide: bool):
-    """(m, denom, step size) of the step the AdamW state was last updated by, taken with learning rate ``lr``."""
+def _denom_and_step_size(exp_avg_sq: torch.Tensor, step: float, group: dict[str, Any], lr: float, wide: bool):
+    """denom = √v / √(1 − β₂ᵗ) + ε and the step size η / (1 − β₁ᵗ), with torch.optim.AdamW's ops in its order (v in
+    float32 for a stochastically rounded bf16 parameter, ``wide``)."""
     beta1, beta2 = group["betas"]
-    step = float(state["step"])
-    exp_avg_sq = state["exp_avg_sq"].float() if wide else state["exp_avg_sq"]
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-    return state["exp_avg"], denom, lr / (1 - beta1**step)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = ((exp_avg_sq.float() if wide else exp_avg_sq).sqrt() / bias_correction2_sqrt).add_(group["eps"])
+    return denom, lr / bias_correction1
 
 
 def validate_group(group: dict[str, Any], base: str) -> None:
