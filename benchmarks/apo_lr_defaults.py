@@ -107,7 +107,11 @@ TIE = 0.25
 
 def passes_per_step(name: str) -> float:
     """Forward/backward passes a candidate adds per optimizer step on average (the tie-break: cheaper wins)."""
-    settings = CANDIDATES[name]
+    return meta_passes(CANDIDATES[name])
+
+
+def meta_passes(settings: dict) -> float:
+    """Forward/backward passes per optimizer step of a meta step with these settings (loss batch, λ_FSD, K)."""
     per_meta_step = (1.0 if settings["loss_batch"] == "same" else 0.0) + (0.5 if settings["lambda_fsd"] > 0 else 0.0)
     return per_meta_step / settings["meta_interval"]
 

@@ -66,7 +66,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.apo_lr_defaults import TRAINER_TASKS, TaskSweep
+from benchmarks.apo_lr_defaults import TRAINER_TASKS, TaskSweep, meta_passes, mean_ranks as rank_means
 from benchmarks.apo_lr_peers import (
     GRIDS, SCENARIOS, SMALL, adamw_name, best_linear_lr, cell_value, cosine_lrs, run_adamw,
     phased_main, runs_by, seeds_of, tuned_baseline,
@@ -169,24 +169,14 @@ def baseline_value(task: str, values: dict) -> float | None:
 
 
 def mean_ranks(table: dict[str, dict[str, float]], names: list[str]) -> dict[str, float]:
-    ranks = {n: [] for n in names}
-    for entry in table.values():
-        if all(n in entry for n in names):
-            for position, n in enumerate(sorted(names, key=lambda n: entry[n]), start=1):
-                ranks[n].append(position)
-    return {n: sum(r) / len(r) for n, r in ranks.items() if r}
-
-
-def passes_per_step(candidate: str) -> float:
-    s = CANDIDATES[candidate]
-    per_meta_step = (1.0 if s["loss_batch"] == "same" else 0.0) + (0.5 if s["lambda_fsd"] > 0 else 0.0)
-    return per_meta_step / s["meta_interval"]
+    """The names' mean ranks over the scenarios where all of them ran (apo_lr_defaults.mean_ranks)."""
+    return rank_means({t: e for t, e in table.items() if all(n in e for n in names)}, names)
 
 
 def ordered_by_rule(scores: dict[str, float]) -> list[str]:
     ordered = sorted(scores, key=lambda n: scores[n])
     tied = [n for n in ordered if scores[n] <= scores[ordered[0]] + TIE]
-    tied.sort(key=lambda n: (passes_per_step(n), n != SHIPPING, scores[n]))
+    tied.sort(key=lambda n: (meta_passes(CANDIDATES[n]), n != SHIPPING, scores[n]))
     return tied + [n for n in ordered if n not in tied]
 
 
