@@ -45,11 +45,9 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -57,25 +55,13 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.common import (
-    MethodSpec, append_run, build_optimizer, environment, markdown_table, read_runs, study_main,
-    write_json,
+from benchmarks.common import MethodSpec, environment, markdown_table, save_figure, study_main, write_json
+from benchmarks.sweep import (
+    ADAMW_GRID, LONG_BUDGETS, SMALL_TASKS, TRAINER_TASKS, Sweep, load_runs, lr_key, mean_final, mean_ranks,
+    ordered_by_rule as rule_order,
 )
-from benchmarks.tasks import TASKS, run_once
 
-SMALL_TASKS = ("digits_classification", "digits_autoencoder", "teacher_student")
 LARGE_TASKS = ("translation", "finetune")
-TRAINER_TASKS = ("finetune", "lora")  # run through the Trainer (benchmarks/finetune.py, benchmarks/lora.py)
-LONG_BUDGETS = {  # task: (steps, eval_every, seeds)
-    "digits_classification": (6000, 300, (0, 1, 2)),
-    "digits_autoencoder": (8000, 400, (0, 1, 2)),
-    "teacher_student": (6000, 300, (0, 1, 2)),
-    "translation": (1500, 150, (0, 1)),
-    "finetune": (600, 50, (0, 1)),
-    "lora": (300, 25, (0, 1)),
-}
-ADAMW_GRID = {task: (1e-4, 3e-4, 1e-3, 3e-3, 1e-2) for task in (*SMALL_TASKS, "translation")}
-ADAMW_GRID["finetune"] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 INIT_FACTORS = (0.01, 0.1, 1.0, 3.0)  # initial LRs: best fixed AdamW LR × these
 
 # APO-LR over AdamW, no schedule of its own. "same": the loss term on the batch that gave the gradient (the paper);
@@ -128,137 +114,26 @@ def apo_trainer_args(name: str) -> dict:
             "apo_meta_lr": settings["meta_lr"], "apo_horizon": settings["horizon"]}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# runs, appended as they finish
-# ---------------------------------------------------------------------------------------------------------------
-def runs_file(output_dir: Path, task: str) -> Path:
-    return output_dir / "apo_lr_runs" / f"{task}.jsonl"
-
-
-# The pretrained checkpoint a Trainer task's run fine-tuned: the hash of its settings (``pretrained_checkpoint`` in
-# finetune.py and lora.py), in the rows written since they carry it. Older rows carry none: the finetune ones came from
-# a checkpoint pretrained under torch 2.13 (initial eval loss 9.925; the torch 2.14.1 one's is 10.219), the lora ones
-# from the checkpoint named here (the initial eval loss, 11.167707443237305, is the same to all digits).
-LEGACY_CHECKPOINT = {"finetune": "torch-2.13",
-                     "lora": "8df1028e9885ea942700275b3fb83d738e363e1f397d7c5016624fb877518c97"}
 # The checkpoint this study's report reads (its finetune rows are the legacy ones)
 CHECKPOINTS = {"finetune": "torch-2.13"}
 
 
-def checkpoint_of(row: dict) -> str | None:
-    return row.get("pretrained_sha256") or LEGACY_CHECKPOINT.get(row["task"])
+def run_adamw(sweep: Sweep, lr: float) -> list[dict]:
+    """AdamW at a constant LR (on the Trainer tasks: under the Trainer's default linear decay)."""
+    if sweep.task in TRAINER_TASKS:
+        return sweep.run("adamw", lr, apo_args={"apo": "none"})
+    return sweep.run("adamw", lr, spec=MethodSpec("adamw", "adamw", lr=lr))
 
 
-def load_runs(output_dir: Path, task: str, checkpoint: str | None = None) -> list[dict]:
-    """A task's runs; of a Trainer task only those fine-tuned from ``checkpoint``, when one is given."""
-    rows = read_runs(runs_file(output_dir, task))
-    if checkpoint is None or task not in TRAINER_TASKS:
-        return rows
-    return [r for r in rows if checkpoint_of(r) == checkpoint]
+def run_candidate(sweep: Sweep, name: str, lr: float) -> list[dict]:
+    if sweep.task in TRAINER_TASKS:
+        return sweep.run(name, lr, apo_args=apo_trainer_args(name))
+    return sweep.run(name, lr, spec=candidate_spec(name, lr))
 
 
-def run_key(method: str, lr: float, seed: int, steps: int) -> tuple:
-    return method, float(f"{lr:.6g}"), seed, steps
-
-
-class TaskSweep:
-    """One task's runs: skips those already in the task's file, appends each new one as it finishes."""
-
-    def __init__(self, task: str, output_dir: Path, quick: bool):
-        self.task, self.output_dir, self.quick = task, output_dir, quick
-        steps, eval_every, seeds = LONG_BUDGETS[task]
-        if quick:
-            steps, eval_every, seeds = 30, 10, (0,)
-        self.steps, self.eval_every, self.seeds = steps, eval_every, seeds
-        self.checkpoint = None  # a Trainer task: the hash of the pretrained checkpoint its runs fine-tune
-        if task in TRAINER_TASKS:
-            module, directory = self._trainer_module()
-            self.checkpoint = module.pretrained_checkpoint(directory, self._pretrain_settings(module))["settings_sha256"]
-        self.done = {run_key(r["method"], r["lr"], r["seed"], r["steps"]): r
-                     for r in load_runs(output_dir, task, self.checkpoint)}
-        self._data = None
-
-    def _trainer_module(self):
-        """finetune.py or lora.py, and the directory of its pretrained checkpoint."""
-        if self.task == "finetune":
-            from benchmarks import finetune as module
-        else:
-            from benchmarks import lora as module
-        return module, module.CACHE_ROOT / (f"{self.task}_pretrained_quick" if self.quick else f"{self.task}_pretrained")
-
-    def _pretrain_settings(self, module) -> dict:
-        return dict(module.QUICK_PRETRAIN if self.quick else module.PRETRAIN)
-
-    def run(self, method: str, lr: float, spec: MethodSpec | None = None, apo_args: dict | None = None) -> list[dict]:
-        rows = []
-        for seed in self.seeds:
-            key = run_key(method, lr, seed, self.steps)
-            if key not in self.done:
-                started = time.perf_counter()
-                result = self._train(spec, apo_args, lr, seed)
-                row = {"task": self.task, "method": method, "lr": lr, "seed": seed, "steps": self.steps,
-                       "wall_s": round(time.perf_counter() - started, 2), **result}
-                append_run(runs_file(self.output_dir, self.task), row)
-                self.done[key] = row
-                print(f"[{self.task}] {method} lr={lr:.2e} seed={seed}: final {row['final']:.5g} "
-                      f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-            rows.append(self.done[key])
-        return rows
-
-    def _train(self, spec: MethodSpec | None, apo_args: dict | None, lr: float, seed: int) -> dict:
-        if self.task in TRAINER_TASKS:
-            return self._train_with_trainer(spec, apo_args, lr, seed)
-        task = dataclasses.replace(TASKS[self.task], steps=self.steps, eval_every=self.eval_every)
-        if self._data is None:
-            self._data = task.load(self.quick)
-        result = run_once(task, self._data, spec, seed)
-        every = max(1, len(result["multiplier_trace"]) // 100)
-        return {"final": result["final"], "train_final": result["train_final"], "eval_steps": result["steps"],
-                "losses": result["losses"], "diverged": result["diverged"],
-                "lr_multiplier": result["multiplier_trace"][::every], "lr_multiplier_every": every,
-                "train_time": [round(t, 3) for t in result["train_time"]]}
-
-    def _train_with_trainer(self, spec: MethodSpec | None, trainer_args: dict, lr: float, seed: int) -> dict:
-        """finetune / lora: one run through the Trainer (its default linear decay unless ``trainer_args`` say
-        otherwise); ``spec``, when given, is a peer (``common.PEERS``) that replaces ``--optim``."""
-        module, directory = self._trainer_module()
-        run = module.finetune_run if self.task == "finetune" else module.lora_run
-        # its hash (settings, corpus, torch and transformers versions) goes into the row: runs on another pretrained
-        # checkpoint are not comparable
-        pretrained = module.pretrained_checkpoint(directory, self._pretrain_settings(module))
-        options = {"eval_steps": self.eval_every, "logging_steps": 10 if not self.quick else 5}
-        if self.quick:
-            options["eval_pairs"] = 100
-        if spec is not None:  # the optimizer alone (a peer, SOAP): the Trainer's scheduler decays its LR
-            options["optimizer_builder"] = lambda model: build_optimizer(
-                spec.with_(schedule="constant"), model, total_steps=self.steps)[0]
-        result = run(lr, seed, trainer_args, self.steps, pretrained_dir=directory, **options)
-        every = max(1, len(result["lr_multiplier"]) // 100)
-        return {"final": result["final_eval_loss"] if not result["diverged"] else math.inf,
-                "train_final": (result["train_losses"] or [math.nan])[-1], "eval_steps": result["eval_steps"],
-                "losses": result["eval_losses"], "lr_multiplier": result["lr_multiplier"][::every],
-                "lr_multiplier_every": every * options["logging_steps"], "diverged": result["diverged"],
-                "pretrained_sha256": pretrained.get("settings_sha256")}
-
-    def adamw(self, lr: float) -> list[dict]:
-        if self.task in TRAINER_TASKS:
-            return self.run("adamw", lr, apo_args={"apo": "none"})
-        return self.run("adamw", lr, spec=MethodSpec("adamw", "adamw", lr=lr))
-
-    def candidate(self, name: str, lr: float) -> list[dict]:
-        if self.task in TRAINER_TASKS:
-            return self.run(name, lr, apo_args=apo_trainer_args(name))
-        return self.run(name, lr, spec=candidate_spec(name, lr))
-
-
-def mean_final(rows: list[dict]) -> float:
-    finals = [r["final"] for r in rows]
-    return statistics.fmean(finals) if all(math.isfinite(f) for f in finals) else math.inf
-
-
-def best_fixed_lr(sweep: TaskSweep) -> float:
+def best_fixed_lr(sweep: Sweep) -> float:
     grid = ADAMW_GRID[sweep.task]
-    finals = {lr: mean_final(sweep.adamw(lr)) for lr in grid}
+    finals = {lr: mean_final(run_adamw(sweep, lr)) for lr in grid}
     return min(grid, key=lambda lr: finals[lr])
 
 
@@ -269,7 +144,7 @@ def initial_lrs(best: float) -> list[float]:
 def run_command(args) -> None:
     torch.set_num_threads(args.threads)
     for task in args.tasks:
-        sweep = TaskSweep(task, args.output_dir, args.quick)
+        sweep = Sweep(task, args.output_dir, args.quick)
         best = best_fixed_lr(sweep)
         if args.grid_only:
             continue
@@ -278,7 +153,7 @@ def run_command(args) -> None:
             names = args.candidates
         for lr in initial_lrs(best):
             for name in names:
-                sweep.candidate(name, lr)
+                run_candidate(sweep, name, lr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +165,7 @@ def runs_by_method_and_lr(output_dir: Path, task: str, quick: bool) -> dict[tupl
     by: dict[tuple[str, float], list[dict]] = {}
     for r in load_runs(output_dir, task, CHECKPOINTS.get(task)):
         if r["steps"] == steps:
-            by.setdefault((r["method"], float(f"{r['lr']:.6g}")), []).append(r)
+            by.setdefault((r["method"], lr_key(r["lr"])), []).append(r)
     return by
 
 
@@ -318,22 +193,9 @@ def cells(output_dir: Path, tasks, names, quick: bool) -> dict[tuple[str, float]
     return out
 
 
-def mean_ranks(table: dict[tuple[str, float], dict[str, float]], names) -> dict[str, float]:
-    ranks = {n: [] for n in names}
-    for entry in table.values():
-        ordered = sorted(names, key=lambda n: entry[n])
-        for position, n in enumerate(ordered, start=1):
-            ranks[n].append(position)
-    return {n: statistics.fmean(r) for n, r in ranks.items() if r}
-
-
 def ordered_by_rule(scores: dict[str, float]) -> list[str]:
     """By mean rank; within TIE of the best, the cheaper candidate, then the paper's setting, first."""
-    ordered = sorted(scores, key=lambda n: scores[n])
-    best = scores[ordered[0]]
-    tied = [n for n in ordered if scores[n] <= best + TIE]
-    tied.sort(key=lambda n: (passes_per_step(n), n != PAPER, scores[n]))
-    return tied + [n for n in ordered if n not in tied]
+    return rule_order(scores, TIE, lambda n: (passes_per_step(n), n != PAPER))
 
 
 def finalists(output_dir: Path, quick: bool) -> list[str]:
@@ -541,11 +403,7 @@ def plot(output_dir: Path, summary: dict, name: str, quick: bool) -> list[str]:
                   title="initial LR × multiplier" + (" (× the Trainer's linear decay)" if task == "finetune" else ""))
         ax_loss.legend(fontsize=7)
         ax_lr.legend(fontsize=7)
-        fig.tight_layout()
-        path = output_dir / f"apo_lr_{task}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path.name)
+        written.append(save_figure(fig, output_dir / f"apo_lr_{task}.png", dpi=90).name)
     return written
 
 

@@ -63,10 +63,11 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.apo_lr_defaults import (
-    ADAMW_GRID, INIT_FACTORS, LONG_BUDGETS, TRAINER_TASKS, TaskSweep, load_runs,
+from benchmarks.apo_lr_defaults import INIT_FACTORS
+from benchmarks.common import MethodSpec, save_figure, study_main
+from benchmarks.sweep import (
+    ADAMW_GRID, LONG_BUDGETS, TRAINER_TASKS, Sweep, load_runs, mean_ranks, ordered_by_rule as rule_order,
 )
-from benchmarks.common import MethodSpec, study_main
 
 SMALL = ("digits_classification", "digits_autoencoder", "teacher_student")
 LARGE = ("translation", "finetune", "lora")
@@ -119,14 +120,14 @@ def apo_name(candidate: str) -> str:
     return f"apo_{candidate}"
 
 
-def run_adamw(sweep: TaskSweep, schedule: str, lr: float) -> list[dict]:
+def run_adamw(sweep: Sweep, schedule: str, lr: float) -> list[dict]:
     name = adamw_name(sweep.task, schedule)
     if sweep.task in TRAINER_TASKS:
         return sweep.run(name, lr, apo_args={"apo": "none", **TRAINER_SCHEDULES[schedule]})
     return sweep.run(name, lr, spec=MethodSpec(name, "adamw", lr=lr, schedule=schedule))
 
 
-def run_peer(sweep: TaskSweep, kind: str, lr: float) -> list[dict]:
+def run_peer(sweep: Sweep, kind: str, lr: float) -> list[dict]:
     if sweep.task in TRAINER_TASKS and kind == "sf_adamw":  # the Trainer's own --optim schedule_free_adamw
         warmup = int(WARMUP_FRACTION * sweep.steps)
         return sweep.run(kind, lr, apo_args={"apo": "none", "optim": "schedule_free_adamw",
@@ -136,7 +137,7 @@ def run_peer(sweep: TaskSweep, kind: str, lr: float) -> list[dict]:
     return sweep.run(kind, lr, spec=spec, apo_args={"apo": "none"})
 
 
-def run_candidate(sweep: TaskSweep, candidate: str, lr: float) -> list[dict]:
+def run_candidate(sweep: Sweep, candidate: str, lr: float) -> list[dict]:
     settings = CANDIDATES[candidate]
     name = apo_name(candidate)
     if sweep.task in TRAINER_TASKS:
@@ -168,13 +169,13 @@ def initial_lrs(best: float) -> list[float]:
 # ---------------------------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------------------------
-def best_linear_lr(sweep: TaskSweep) -> float:
+def best_linear_lr(sweep: Sweep) -> float:
     grid = GRIDS[sweep.task]
     scores = {lr: cell_value(sweep.task, run_adamw(sweep, "linear", lr)) for lr in grid}
     return min(grid, key=lambda lr: scores[lr])
 
 
-def run_baselines(sweep: TaskSweep) -> None:
+def run_baselines(sweep: Sweep) -> None:
     best = best_linear_lr(sweep)
     for schedule in ("constant", "warmup_cosine"):
         for lr in GRIDS[sweep.task] if schedule == "constant" else cosine_lrs(sweep.task, best):
@@ -189,7 +190,7 @@ def run_baselines(sweep: TaskSweep) -> None:
         run_peer(sweep, kind, 1.0)
 
 
-def run_candidates(sweep: TaskSweep, names: list[str]) -> None:
+def run_candidates(sweep: Sweep, names: list[str]) -> None:
     best = best_linear_lr(sweep)
     for lr in initial_lrs(best):
         for name in names:
@@ -263,24 +264,13 @@ def cells(output_dir: Path, tasks, methods_for, quick: bool) -> dict[tuple[str, 
     return out
 
 
-def mean_ranks(table: dict[tuple[str, float], dict[str, float]]) -> dict[str, float]:
-    ranks: dict[str, list[int]] = {}
-    for entry in table.values():
-        for position, method in enumerate(sorted(entry, key=lambda m: entry[m]), start=1):
-            ranks.setdefault(method, []).append(position)
-    return {m: statistics.fmean(r) for m, r in ranks.items()}
-
-
 def ordered_by_rule(scores: dict[str, float]) -> list[str]:
     """Candidates by mean rank; within TIE of the best: the current default, then fewer mechanisms changed."""
     def changes(name: str) -> tuple[int, int]:
         s = CANDIDATES[name]
         return (s["meta_optimizer"] != "adam", s["adaptive_interval"], s["max_meta_step"] != 1.0)
 
-    ordered = sorted(scores, key=lambda n: scores[n])
-    tied = [n for n in ordered if scores[n] <= scores[ordered[0]] + TIE]
-    tied.sort(key=lambda n: (n != CURRENT_DEFAULT, changes(n), scores[n]))
-    return tied + [n for n in ordered if n not in tied]
+    return rule_order(scores, TIE, lambda n: (n != CURRENT_DEFAULT, changes(n)))
 
 
 def candidate_scores(output_dir: Path, tasks, names: list[str], quick: bool) -> dict[str, float]:
@@ -468,11 +458,7 @@ def plot(output_dir: Path, summary: dict) -> Path | None:
         axis.set(xscale="log", yscale="log", title=task, xlabel="initial LR / best AdamW-linear LR")
     axes[0][0].set_ylabel("final value / tuned AdamW-linear")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.tight_layout()
-    path = output_dir / "apo_lr_peers.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, output_dir / "apo_lr_peers.png", dpi=110)
 
 
 def write_report(output_dir: Path, quick: bool) -> dict:
@@ -492,9 +478,9 @@ def write_report(output_dir: Path, quick: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------------
-def study_sweep(task: str, output_dir: Path, quick: bool) -> TaskSweep:
+def study_sweep(task: str, output_dir: Path, quick: bool) -> Sweep:
     """The task's sweep; refused when a Trainer task's pretrained checkpoint is not the one this study's runs used."""
-    sweep = TaskSweep(task, output_dir, quick)
+    sweep = Sweep(task, output_dir, quick)
     study = STUDY_CHECKPOINTS.get(task)
     if not quick and study is not None and sweep.checkpoint != study:
         raise SystemExit(

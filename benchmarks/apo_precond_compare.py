@@ -64,12 +64,10 @@ there, so a killed sweep resumes. Usage::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -77,11 +75,10 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.apo_lr_defaults import ADAMW_GRID, LONG_BUDGETS, load_runs as load_apo_lr_runs, mean_final
-from benchmarks.common import (
-    MethodSpec, append_run, environment, markdown_table, read_runs, study_main, write_json,
+from benchmarks.common import MethodSpec, environment, markdown_table, save_figure, study_main, write_json
+from benchmarks.sweep import (
+    ADAMW_GRID, LONG_BUDGETS, Sweep, load_runs as sweep_runs, lr_key, mean_final,
 )
-from benchmarks.tasks import TASKS, run_once
 
 TASK_NAMES = ("digits_classification", "digits_autoencoder", "teacher_student", "translation", "finetune")
 RULE_TASKS = TASK_NAMES[:4]
@@ -112,82 +109,28 @@ ROUNDING_SEEDS = (0, 1, 2)
 TIE = 0.25
 
 
-def runs_file(output_dir: Path, task: str) -> Path:
-    return output_dir / "apo_precond_runs" / f"{task}.jsonl"
+STORE = "apo_precond_runs"
+CHECKPOINTS = {"finetune": "torch-2.13"}  # the checkpoint the fine-tune's runs read here fine-tuned
 
 
 def load_runs(output_dir: Path, task: str) -> list[dict]:
-    return read_runs(runs_file(output_dir, task))
+    return sweep_runs(output_dir, task, CHECKPOINTS.get(task), STORE)
 
 
-def lr_key(lr: float) -> float:
-    """A learning rate as a key: rounded to 6 significant digits, so that one read back from a runs file matches the
-    same LR computed again."""
-    return float(f"{lr:.6g}")
+def finetune_flags(spec: MethodSpec) -> dict:
+    """A method of this study as the fine-tune's Trainer flags: SGD-m under the Trainer's linear decay, with or
+    without APO-Precond over it."""
+    flags = {"optim": "sgd", "optim_args": f"momentum={spec.momentum}", "apo": "none"}
+    if spec.kind == "apo_precond":
+        flags |= {"apo": "precond", "apo_meta_lr": spec.meta_lr, "apo_lookahead_steps": spec.lookahead_steps,
+                  "apo_spectral_meta_step": spec.spectral_meta_step, "apo_lambda_fsd": spec.lambda_fsd}
+    return flags
 
 
-def key(method: str, lr: float, seed: int, steps: int, precision: str) -> tuple:
-    return method, lr_key(lr), seed, steps, precision
-
-
-class Sweep:
-    """One task's runs at its budget: skips those already on file, appends each new one as it finishes."""
-
-    def __init__(self, task: str, output_dir: Path, quick: bool):
-        self.task, self.output_dir, self.quick = task, output_dir, quick
-        steps, eval_every, _ = LONG_BUDGETS[task]
-        self.seeds = SEEDS[task]
-        if quick:
-            steps, eval_every, self.seeds = 30, 10, (0,)
-        self.steps, self.eval_every = steps, eval_every
-        self.done = {key(r["method"], r["lr"], r["seed"], r["steps"], r["precision"]): r
-                     for r in load_runs(output_dir, task)}
-        self._data = None
-
-    def run(self, method: str, spec: MethodSpec, precision: str = "fp32", seeds=None) -> list[dict]:
-        rows = []
-        for seed in seeds if seeds is not None else self.seeds:
-            k = key(method, spec.lr, seed, self.steps, precision)
-            if k not in self.done:
-                started = time.perf_counter()
-                result = self._train(spec, seed, precision)
-                row = {"task": self.task, "method": method, "lr": spec.lr, "seed": seed, "steps": self.steps,
-                       "precision": precision, "wall_s": round(time.perf_counter() - started, 2), **result,
-                       "spec": spec.to_dict()}
-                append_run(runs_file(self.output_dir, self.task), row)
-                self.done[k] = row
-                print(f"[{self.task}] {method} lr={spec.lr:.2e} seed={seed} {precision}: final {row['final']:.5g} "
-                      f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-            rows.append(self.done[k])
-        return rows
-
-    def _train(self, spec: MethodSpec, seed: int, precision: str) -> dict:
-        if self.task == "finetune":
-            return self._finetune(spec, seed)
-        task = dataclasses.replace(TASKS[self.task], steps=self.steps, eval_every=self.eval_every)
-        if self._data is None:
-            self._data = task.load(self.quick)
-        result = run_once(task, self._data, spec, seed, precision)
-        return {"final": result["final"], "diverged": result["diverged"], "eval_steps": result["steps"],
-                "losses": result["losses"], "train_time": result["train_time"]}
-
-    def _finetune(self, spec: MethodSpec, seed: int) -> dict:
-        from benchmarks import finetune
-
-        settings = finetune.QUICK_PRETRAIN if self.quick else finetune.PRETRAIN
-        directory = finetune.CACHE_ROOT / ("finetune_pretrained_quick" if self.quick else "finetune_pretrained")
-        finetune.pretrained_checkpoint(directory, dict(settings))  # cached after the first call
-        flags = {"optim": "sgd", "optim_args": f"momentum={spec.momentum}", "apo": "none"}
-        if spec.kind == "apo_precond":
-            flags |= {"apo": "precond", "apo_meta_lr": spec.meta_lr, "apo_lookahead_steps": spec.lookahead_steps,
-                      "apo_spectral_meta_step": spec.spectral_meta_step, "apo_lambda_fsd": spec.lambda_fsd}
-        options = {"eval_steps": self.eval_every, "logging_steps": 10 if not self.quick else 5}
-        if self.quick:
-            options["eval_pairs"] = 100
-        result = finetune.finetune_run(spec.lr, seed, flags, self.steps, pretrained_dir=directory, **options)
-        return {"final": result["final_eval_loss"] if not result["diverged"] else math.inf,
-                "diverged": result["diverged"], "eval_steps": result["eval_steps"], "losses": result["eval_losses"],
-                "train_time": None, "wall_s_with_evals": result["wall_s"]}
+def run_spec(sweep: Sweep, method: str, spec: MethodSpec, precision: str = "fp32", seeds=None) -> list[dict]:
+    if sweep.task == "finetune":
+        return sweep.run(method, spec.lr, apo_args=finetune_flags(spec), seeds=seeds)
+    return sweep.run(method, spec.lr, spec=spec, precision=precision, seeds=seeds)
 
 
 def best_adamw_lr(output_dir: Path, task: str, quick: bool) -> float:
@@ -196,7 +139,7 @@ def best_adamw_lr(output_dir: Path, task: str, quick: bool) -> float:
         return 1e-3
     steps = LONG_BUDGETS[task][0]
     by: dict[float, list[dict]] = {}
-    for r in load_apo_lr_runs(output_dir, task):
+    for r in sweep_runs(output_dir, task):
         if r["method"] == "adamw" and r["steps"] == steps and r["seed"] in SEEDS[task]:
             by.setdefault(lr_key(r["lr"]), []).append(r)
     missing = [lr for lr in ADAMW_GRID[task] if len(by.get(lr, [])) < len(SEEDS[task])]
@@ -212,31 +155,31 @@ def candidate_spec(name: str, lr: float) -> MethodSpec:
 def run_command(args) -> None:
     torch.set_num_threads(args.threads)
     for task in args.tasks:
-        sweep = Sweep(task, args.output_dir, args.quick)
+        sweep = Sweep(task, args.output_dir, args.quick, STORE, SEEDS[task])
         grid = SGDM_GRID[task][-1:] if args.quick else SGDM_GRID[task]
-        sgdm = {lr: sweep.run("sgdm", MethodSpec("sgdm", "sgd", lr=lr, momentum=0.9)) for lr in grid}
+        sgdm = {lr: run_spec(sweep, "sgdm", MethodSpec("sgdm", "sgd", lr=lr, momentum=0.9)) for lr in grid}
         base_lr = min(grid, key=lambda lr: mean_final(sgdm[lr]))
         for name in args.candidates or CANDIDATES:
-            sweep.run(name, candidate_spec(name, base_lr))
+            run_spec(sweep, name, candidate_spec(name, base_lr))
         if task == "finetune":
             continue
         adamw_lr = best_adamw_lr(args.output_dir, task, args.quick)
         if args.quick:
-            sweep.run("adamw", MethodSpec("adamw", "adamw", lr=adamw_lr))
+            run_spec(sweep, "adamw", MethodSpec("adamw", "adamw", lr=adamw_lr))
         for peer in PEERS:
-            sweep.run(peer, MethodSpec(peer, peer, lr=adamw_lr), seeds=None if args.quick else PEER_SEEDS.get((task, peer)))
+            run_spec(sweep, peer, MethodSpec(peer, peer, lr=adamw_lr), seeds=None if args.quick else PEER_SEEDS.get((task, peer)))
         if task in SMALL and not args.no_precision:
             specs = {"sgdm": MethodSpec("sgdm", "sgd", lr=base_lr, momentum=0.9),
                      **{name: candidate_spec(name, base_lr) for name in PRECISION_CANDIDATES},
                      "adamw": MethodSpec("adamw", "adamw", lr=adamw_lr), "soap": MethodSpec("soap", "soap", lr=adamw_lr)}
             for precision in PRECISIONS:
                 for method in PRECISION_METHODS:  # AdamW's float32 runs come from apo_lr_runs
-                    sweep.run(method, specs[method], precision, seeds=(0,))
+                    run_spec(sweep, method, specs[method], precision, seeds=(0,))
             seeds = None if args.quick else ROUNDING_SEEDS
             for name in PRECISION_CANDIDATES:
-                sweep.run(name, specs[name], "bf16_weights", seeds=seeds)
+                run_spec(sweep, name, specs[name], "bf16_weights", seeds=seeds)
                 nearest = specs[name].with_(name=f"{name}_nearest", stochastic_rounding=False)
-                sweep.run(nearest.name, nearest, "bf16_weights", seeds=seeds)
+                run_spec(sweep, nearest.name, nearest, "bf16_weights", seeds=seeds)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,7 +260,7 @@ def summarize_task(output_dir: Path, task: str, quick: bool) -> dict | None:
         if quick:
             add("adamw", by.get(("adamw", adamw_lr, "fp32"), []), adamw_lr)
         else:
-            adamw_rows = [r for r in load_apo_lr_runs(output_dir, task)
+            adamw_rows = [r for r in sweep_runs(output_dir, task)
                           if r["method"] == "adamw" and r["steps"] == steps and r["seed"] in SEEDS[task]
                           and lr_key(r["lr"]) == adamw_lr]
             add("adamw", adamw_rows, adamw_lr)
@@ -479,11 +422,7 @@ def _plot(tasks: dict[str, dict], output_dir: Path, quick: bool) -> str | None:
             ax.grid(alpha=0.3)
         row[0].set_ylabel("validation loss (seed mean)")
         row[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = output_dir / "apo_precond_compare.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, output_dir / "apo_precond_compare.png", dpi=90).name
 
 
 def write_report(output_dir: Path, quick: bool, env: dict) -> dict:

@@ -66,12 +66,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.apo_lr_defaults import TRAINER_TASKS, TaskSweep, meta_passes, mean_ranks as rank_means
+from benchmarks.apo_lr_defaults import meta_passes
 from benchmarks.apo_lr_peers import (
     GRIDS, SCENARIOS, SMALL, adamw_name, best_linear_lr, cell_value, cosine_lrs, run_adamw,
     phased_main, runs_by, seeds_of, tuned_baseline,
 )
 from benchmarks.common import MethodSpec, environment
+from benchmarks.sweep import TRAINER_TASKS, Sweep, mean_ranks, ordered_by_rule as rule_order
 
 # APO-Precond over AdamW: meta_lr 0.01 and K 10 (the shipping values); the factors' objective and the size's learner
 _FACTORS = dict(meta_lr=0.01, meta_interval=10, lambda_wsd=0.0, horizon=1.0)
@@ -103,7 +104,7 @@ def trainer_args(candidate: str) -> dict:
             "apo_lambda_fsd": s["lambda_fsd"], "apo_meta_lr": s["meta_lr"], "apo_meta_interval": s["meta_interval"]}
 
 
-def run_candidate(sweep: TaskSweep, candidate: str, lr: float) -> list[dict]:
+def run_candidate(sweep: Sweep, candidate: str, lr: float) -> list[dict]:
     name = precond_name(candidate)
     if sweep.task in TRAINER_TASKS:
         return sweep.run(name, lr, apo_args=trainer_args(candidate))
@@ -114,12 +115,12 @@ def soap_lrs(tuned: float) -> list[float]:
     return [float(f"{tuned * factor:.3g}") for factor in SOAP_FACTORS]
 
 
-def run_soap(sweep: TaskSweep, lr: float) -> list[dict]:
+def run_soap(sweep: Sweep, lr: float) -> list[dict]:
     spec = MethodSpec("soap_linear", "soap", lr=lr, schedule="linear")
     return sweep.run("soap_linear", lr, spec=spec, apo_args={"apo": "none"})
 
 
-def run_baselines(sweep: TaskSweep) -> None:
+def run_baselines(sweep: Sweep) -> None:
     best = best_linear_lr(sweep)
     for lr in cosine_lrs(sweep.task, best):
         run_adamw(sweep, "warmup_cosine", lr)
@@ -127,7 +128,7 @@ def run_baselines(sweep: TaskSweep) -> None:
         run_soap(sweep, lr)
 
 
-def run_candidates(sweep: TaskSweep, names: list[str]) -> None:
+def run_candidates(sweep: Sweep, names: list[str]) -> None:
     best = best_linear_lr(sweep)
     for name in names:
         run_candidate(sweep, name, best)
@@ -168,16 +169,8 @@ def baseline_value(task: str, values: dict) -> float | None:
     return min(values[n]["value"] for n in names)
 
 
-def mean_ranks(table: dict[str, dict[str, float]], names: list[str]) -> dict[str, float]:
-    """The names' mean ranks over the scenarios where all of them ran (apo_lr_defaults.mean_ranks)."""
-    return rank_means({t: e for t, e in table.items() if all(n in e for n in names)}, names)
-
-
 def ordered_by_rule(scores: dict[str, float]) -> list[str]:
-    ordered = sorted(scores, key=lambda n: scores[n])
-    tied = [n for n in ordered if scores[n] <= scores[ordered[0]] + TIE]
-    tied.sort(key=lambda n: (meta_passes(CANDIDATES[n]), n != SHIPPING, scores[n]))
-    return tied + [n for n in ordered if n not in tied]
+    return rule_order(scores, TIE, lambda n: (meta_passes(CANDIDATES[n]), n != SHIPPING))
 
 
 def candidate_table(values_by_task: dict) -> dict[str, dict[str, float]]:

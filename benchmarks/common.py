@@ -374,6 +374,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def save_figure(figure, path: Path, dpi: int) -> Path:
+    """Lay a matplotlib figure out, write it to ``path`` and free it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(value: Any) -> str:
         if value is None:

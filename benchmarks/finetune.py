@@ -20,7 +20,7 @@ Usage::
     python benchmarks/finetune.py --lrs 1e-5 1e-4 1e-3 --seeds 0 1 2 \\
         --configs '{"adamw": {"apo": "none"}, "apo_lr": {"apo": "lr"}}' --steps 600 \\
         --out benchmarks/results/finetune_runs.jsonl          # about 1-2 min per run on one CPU thread
-    python benchmarks/finetune.py --quick --out /tmp/finetune_quick.jsonl   # seconds: tests/test_finetune_benchmark.py
+    python benchmarks/finetune.py --quick --out /tmp/finetune_quick.jsonl   # seconds: tests/test_trainer_benchmarks.py
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Usage::
     python benchmarks/lora.py --lrs 1e-4 1e-3 1e-2 --seeds 0 1 2 \\
         --configs '{"adamw": {"apo": "none"}, "apo_lr": {"apo": "lr"}}' --steps 300 \\
         --out benchmarks/results/lora_runs.jsonl          # about 45 s per run on one CPU thread
-    python benchmarks/lora.py --quick --out /tmp/lora_quick.jsonl   # seconds: tests/test_lora_benchmark.py
+    python benchmarks/lora.py --quick --out /tmp/lora_quick.jsonl   # seconds: tests/test_trainer_benchmarks.py
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.apo_lr_defaults import LONG_BUDGETS
+from benchmarks.sweep import LONG_BUDGETS
 from benchmarks.apo_lr_peers import GRIDS, adamw_name, cell_value, runs_by
 from benchmarks.apo_precond_split import CANDIDATES, spec_of
-from benchmarks.common import DEFAULT_OUTPUT_DIR, environment
+from benchmarks.common import DEFAULT_OUTPUT_DIR, environment, save_figure
 from benchmarks.tasks import TASKS, run_once
 from hf_apo import APOLR
 
@@ -95,8 +95,7 @@ def plot(runs: list[dict], path: Path) -> None:
             axis.tick_params(labelsize=6)
         row[0].set_ylabel("eigenvalue", fontsize=7)
     axes[0][-1].legend(fontsize=6)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
 
 
 def main(argv=None) -> None:

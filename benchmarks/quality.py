@@ -65,6 +65,7 @@ from benchmarks.common import (
     markdown_table,
     progress,
     read_runs,
+    save_figure,
     write_json,
 )
 from benchmarks.tasks import TASKS, Task, TaskData, run_once
@@ -608,11 +609,7 @@ def plot(results: dict, output_dir: Path) -> list[str]:
         ax.set_ylabel("validation loss (seed mean)")
         ax.set_title(f"{name}: validation loss")
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = output_dir / f"quality_{name}_loss.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path.name)
+        written.append(save_figure(fig, output_dir / f"quality_{name}_loss.png", dpi=110).name)
 
         fig, ax = plt.subplots(figsize=(8, 5))
         for label, method in task["selected"].items():
@@ -640,11 +637,7 @@ def plot(results: dict, output_dir: Path) -> list[str]:
         ax.set_ylabel("learning rate (base × learned multiplier)")
         ax.set_title(f"{name}: APO-LR's learned learning rate (geometric mean over seeds)")
         ax.legend(fontsize=7)  # the best constant LR and the schedule are always drawn
-        fig.tight_layout()
-        path = output_dir / f"quality_{name}_apo_lr_schedule.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path.name)
+        written.append(save_figure(fig, output_dir / f"quality_{name}_apo_lr_schedule.png", dpi=110).name)
     return written
 
 

@@ -1,6 +1,7 @@
-"""benchmarks/lora.py --quick runs end to end, writes one well-formed JSON line per run and resumes (about 40 s).
+"""benchmarks/finetune.py and benchmarks/lora.py --quick run end to end, write one well-formed JSON line per run and
+resume (about 30 and 40 s).
 
-It runs in a subprocess, as a user runs it, so its torch thread setting cannot leak into other tests; the check that
+Each runs in a subprocess, as a user runs it, so its torch thread setting cannot leak into other tests; the check that
 only the LoRA adapters train runs here, on the quick pretrained checkpoint the subprocess left in the cache.
 """
 
@@ -13,15 +14,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"adamw": {"apo": "none"}, "apo_lr": {"apo": "lr"}}
+# the script, and the field its rows record the Trainer flags under
+SCRIPTS = {"finetune": "apo_args", "lora": "trainer_args"}
 
 
-def run_quick(out: Path) -> subprocess.CompletedProcess:
+def run_quick(script: str, out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "lora.py"), "--quick", "--out", str(out),
+        [sys.executable, str(REPO_ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out),
          "--configs", json.dumps(CONFIGS)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
@@ -33,20 +38,21 @@ def finite(values) -> bool:
     return bool(values) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
-def test_lora_quick_writes_runs_and_resumes(tmp_path):
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_quick_writes_runs_and_resumes(tmp_path, script):
     out = tmp_path / "runs.jsonl"
-    run_quick(out)
+    run_quick(script, out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(row["config"] for row in rows) == ["adamw", "apo_lr"]
     for row in rows:
-        assert row["trainer_args"] == CONFIGS[row["config"]] and row["quick"] is True
+        assert row[SCRIPTS[script]] == CONFIGS[row["config"]] and row["quick"] is True
         assert isinstance(row["learning_rate"], float) and row["seed"] == 0 and row["steps"] == 20
         assert row["diverged"] is False
         assert finite(row["eval_losses"]) and finite(row["train_losses"]) and finite(row["learning_rates"])
         assert row["eval_steps"][0] == 0 and row["eval_steps"][-1] == row["steps"]
         assert len(row["eval_steps"]) == len(row["eval_losses"]) and len(row["train_steps"]) == len(row["train_losses"])
         assert row["final_eval_loss"] == row["eval_losses"][-1]
-        # LoRA on the new direction (de→en) lowers the pretrained (en→de) model's loss on it
+        # adapting on the new direction (de→en) lowers the pretrained (en→de) model's loss on it
         assert row["final_eval_loss"] < row["eval_losses"][0]
         assert row["wall_s"] > 0 and row["environment"]["torch_threads"] == 1
         assert math.isfinite(row["pretrained"]["eval_loss_en_de"])
@@ -58,18 +64,21 @@ def test_lora_quick_writes_runs_and_resumes(tmp_path):
     # the same step-0 model and data for both configs
     assert by_config["adamw"]["eval_losses"][0] == by_config["apo_lr"]["eval_losses"][0]
 
-    completed = run_quick(out)  # resume: every run is already there
+    completed = run_quick(script, out)  # resume: every run is already there
     assert out.read_text().count("\n") == len(rows)
     assert "already in" in completed.stderr
+    if script == "lora":
+        assert_only_the_adapters_train()
 
-    # only the adapters are trainable: the base model's weights, embeddings and lm_head are frozen
+
+def assert_only_the_adapters_train():
+    """The base model's weights, embeddings and lm_head are frozen; an A and a B for every targeted projection."""
     sys.path.insert(0, str(REPO_ROOT))
     from benchmarks.lora import CACHE_ROOT, LORA, lora_model
 
     model = lora_model(CACHE_ROOT / "lora_pretrained_quick")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in name or "lora_B" in name for name in trainable)
-    # an A and a B for every targeted projection of both layers
-    assert len(trainable) == 2 * 2 * len(LORA["target_modules"])
+    assert len(trainable) == 2 * 2 * len(LORA["target_modules"])  # both layers
     frozen = [p for name, p in model.named_parameters() if "embed_tokens" in name or "lm_head" in name]
     assert frozen and not any(p.requires_grad for p in frozen)
