@@ -26,6 +26,7 @@ import torch
 
 from hf_apo import APOLR, APOPrecond, ProximalObjective
 from hf_apo.meta import MetaLearnedOptimizer
+from hf_apo.defaults import LR_META_STEP, META_INTERVAL, PAPER_OBJECTIVE, settings
 from hf_apo.batches import default_forward, get_output
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +34,10 @@ DEFAULT_OUTPUT_DIR = REPO_ROOT / "benchmarks" / "results"
 
 
 def apo_lr_defaults() -> dict[str, Any]:
-    """hf_apo's APO-LR defaults (``hf_apo.apo_config``) as MethodSpec fields: what ``--apo lr`` runs."""
-    from hf_apo.apo_config import APO_DEFAULTS, DEFAULT_LOSS_BATCH
-
-    loss_batch = DEFAULT_LOSS_BATCH["lr"]
-    settings = APO_DEFAULTS[("lr", loss_batch)]
-    return {"loss_batch": loss_batch, "lambda_fsd": settings["apo_lambda_fsd"], "horizon": settings["apo_horizon"],
-            "meta_interval": settings["apo_meta_interval"], "meta_lr": settings["apo_meta_lr"],
-            "meta_optimizer": settings["apo_meta_optimizer"], "adaptive_interval": settings["apo_adaptive_interval"],
-            "max_meta_step": settings["apo_max_meta_step"]}
+    """hf_apo's APO-LR defaults (``hf_apo.defaults``) as MethodSpec fields: what ``--apo lr`` runs."""
+    s = settings("lr")
+    return {name: s[name] for name in ("loss_batch", "lambda_fsd", "horizon", "meta_interval", "meta_lr",
+                                       "meta_optimizer", "adaptive_interval", "max_meta_step")}
 
 
 @dataclass(frozen=True)
@@ -53,7 +49,7 @@ class MethodSpec:
     ``sf_adamw`` schedule-free AdamW, ``mechanic`` Mechanic over AdamW, ``dog`` DoG, ``dadapt_adam``
     D-Adaptation Adam; :func:`build_peer`), and heavyball's second-order optimizers, run eagerly (no
     torch.compile): ``soap`` (SOAP), ``psgd_kron`` (PSGD-Kron) and ``shampoo`` (KL-Shampoo, heavyball's Shampoo).
-    The APO fields' own defaults are the paper's setting (same-batch loss, λ_FSD 10, K 10); hf_apo's APO-LR
+    The APO fields' own defaults are the paper's setting (``hf_apo.defaults.PAPER_OBJECTIVE``, K 10); hf_apo's APO-LR
     default is ``MethodSpec(name, "apo_lr", **apo_lr_defaults())``.
     ``schedule``: ``constant``, ``linear`` (the Trainer's default: linear decay to 0, no warm-up) or
     ``warmup_cosine`` (linear warmup over ``warmup_fraction`` of the steps, then cosine decay to 0), applied to the
@@ -68,20 +64,20 @@ class MethodSpec:
     schedule: str = "constant"
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
-    meta_interval: int = 10
-    meta_lr: float | None = None  # None: the optimizer's own default (0.1 for APO-LR, 0.01 for APO-Precond)
+    meta_interval: int = META_INTERVAL
+    meta_lr: float | None = None  # None: the optimizer's own default (hf_apo.defaults.META_LR)
     meta_batch_fraction: float = 0.25
-    lambda_fsd: float = 10.0
-    lambda_wsd: float = 0.0
-    loss_batch: str = "same"
-    horizon: float = 1.0
+    lambda_fsd: float = PAPER_OBJECTIVE["lambda_fsd"]
+    lambda_wsd: float = PAPER_OBJECTIVE["lambda_wsd"]
+    loss_batch: str = PAPER_OBJECTIVE["loss_batch"]
+    horizon: float = PAPER_OBJECTIVE["horizon"]
     max_factor_dim: int = 1024
     lookahead_steps: int = 1
     spectral_meta_step: bool = True
     stochastic_rounding: bool = True
-    meta_optimizer: str = "adam"
-    adaptive_interval: bool = False
-    max_meta_step: float = 1.0
+    meta_optimizer: str = LR_META_STEP["meta_optimizer"]
+    adaptive_interval: bool = LR_META_STEP["adaptive_interval"]
+    max_meta_step: float = LR_META_STEP["max_meta_step"]
     precond_base: str = "sgd"  # APO-Precond's base: "sgd" (with ``momentum``) or "adamw"
     precond_size: str = "factors"  # --apo_precond_size: "shape" shape-only factors, "lr" and APO-LR learns the size
 

@@ -19,15 +19,35 @@ APO_PRECOND_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")
 APO_LOSS_BATCHES = ("same", "next")
 APO_LR_META_OPTIMIZERS = ("adam", "rprop")
 DEFAULT_LOSS_BATCH = {"lr": "next", "precond": "same"}
-_LR_META_STEP = {"apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0}
+# The paper's objective (Bae et al., 2022): the loss on the batch that gave the gradient, λ_FSD 10. ProximalObjective's
+# own defaults, APO-Precond's and APO-LR's with --apo_loss_batch same.
+PAPER_OBJECTIVE = {"loss_batch": "same", "lambda_fsd": 10.0, "lambda_wsd": 0.0, "horizon": 1.0}
+# APO-LR's next-batch default: the long-horizon estimator, no KL term (benchmarks/results/apo_lr_defaults.md)
+NEXT_BATCH_LR = {"lambda_fsd": 0.0, "horizon": 10_000.0}
+META_LR = {"lr": 0.1, "precond": 0.01}
+META_INTERVAL = 10
+LR_META_STEP = {"meta_optimizer": "adam", "adaptive_interval": False, "max_meta_step": 1.0}  # APOLR's meta step
+
+
+def _flags(mode: str, lambda_fsd: float, horizon: float) -> dict:
+    return {"apo_meta_lr": META_LR[mode], "apo_meta_interval": META_INTERVAL, "apo_lambda_fsd": lambda_fsd,
+            "apo_horizon": horizon, **{f"apo_{name}": value for name, value in LR_META_STEP.items()}}
+
+
 APO_DEFAULTS = {
-    ("lr", "next"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 10_000.0,
-                     **_LR_META_STEP},
-    ("lr", "same"): {"apo_meta_lr": 0.1, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0,
-                     **_LR_META_STEP},
-    ("precond", "same"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 10.0, "apo_horizon": 1.0,
-                          "apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0},
-    ("precond", "next"): {"apo_meta_lr": 0.01, "apo_meta_interval": 10, "apo_lambda_fsd": 0.0, "apo_horizon": 1.0,
-                          "apo_meta_optimizer": "adam", "apo_adaptive_interval": False, "apo_max_meta_step": 1.0},
+    ("lr", "next"): _flags("lr", NEXT_BATCH_LR["lambda_fsd"], NEXT_BATCH_LR["horizon"]),
+    ("lr", "same"): _flags("lr", PAPER_OBJECTIVE["lambda_fsd"], PAPER_OBJECTIVE["horizon"]),
+    ("precond", "same"): _flags("precond", PAPER_OBJECTIVE["lambda_fsd"], PAPER_OBJECTIVE["horizon"]),
+    ("precond", "next"): _flags("precond", 0.0, 1.0),  # over AdamW: the factors' free next-batch term, no KL
 }
+
+
+def settings(mode: str, loss_batch: str | None = None) -> dict:
+    """The defaults of ``--apo {mode}`` (and ``--apo_loss_batch``), named as the constructors' arguments:
+    ``loss_batch``, ``lambda_fsd``, ``horizon``, ``meta_lr``, ``meta_interval``, ``meta_optimizer``, ..."""
+    loss_batch = loss_batch or DEFAULT_LOSS_BATCH[mode]
+    flags = APO_DEFAULTS[(mode, loss_batch)]
+    return {"loss_batch": loss_batch, **{flag[len("apo_"):]: value for flag, value in flags.items()}}
+
+
 APO_PRECOND_SIZES = ("factors", "shape", "lr")

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from .linear_lr import wrapped_optimizer
-from .defaults import APO_DEFAULTS
+from .defaults import LR_META_STEP, META_INTERVAL, META_LR, settings as apo_settings
 from .distributed import Layout, local_tensor
 from .meta import MetaLearnedOptimizer
 from .next_batch import NextBatchTerms, _split
@@ -87,7 +87,7 @@ class APOLR(PhiMetaStep, NextBatchTerms, MetaLearnedOptimizer):
 
     Usage::
 
-        objective = ProximalObjective(model, lambda_fsd=10.0)
+        objective = ProximalObjective.for_apo(model, "lr")  # the next batch, horizon 10,000, λ 0
         optimizer = APOLR(model.parameters(), objective, base="adamw", lr=1e-4)
         for batch in loader:
             model(**batch).loss.backward()
@@ -102,14 +102,14 @@ class APOLR(PhiMetaStep, NextBatchTerms, MetaLearnedOptimizer):
         objective: ProximalObjective | None = None,
         *,
         base: str = "adamw",
-        meta_interval: int = 10,
-        meta_lr: float = 0.1,
+        meta_interval: int = META_INTERVAL,
+        meta_lr: float = META_LR["lr"],
         meta_batch_fraction: float = 0.25,
         log_lr_range: tuple[float, float] = (-10.0, 10.0),
         meta_betas: tuple[float, float] = (0.9, 0.999),
-        meta_optimizer: str = "adam",
-        adaptive_interval: bool = False,
-        max_meta_step: float = 1.0,
+        meta_optimizer: str = LR_META_STEP["meta_optimizer"],
+        adaptive_interval: bool = LR_META_STEP["adaptive_interval"],
+        max_meta_step: float = LR_META_STEP["max_meta_step"],
         **base_kwargs: Any,
     ):
         base_optimizer = wrapped_optimizer(params_or_optimizer, base, base_kwargs)
@@ -139,12 +139,11 @@ class APOLR(PhiMetaStep, NextBatchTerms, MetaLearnedOptimizer):
     def default_over(cls, optimizer, model, meta_lr: float | None = None, log_lr_range=(-10.0, 10.0), **objective):
         """``--apo lr``'s default (hf_apo.defaults: next batch, horizon 10,000, λ 0) around ``optimizer``, e.g. a
         shape-only APO-Precond whose size it learns (``--apo_precond_size lr``); ``objective``: ProximalObjective's."""
-        s = APO_DEFAULTS[("lr", "next")]
-        objective = ProximalObjective(model, lambda_fsd=s["apo_lambda_fsd"], loss_batch="next", horizon=s["apo_horizon"],
-                                      **objective)
-        return cls(optimizer, objective, meta_interval=s["apo_meta_interval"], log_lr_range=log_lr_range,
-                   meta_lr=s["apo_meta_lr"] if meta_lr is None else meta_lr, meta_optimizer=s["apo_meta_optimizer"],
-                   adaptive_interval=s["apo_adaptive_interval"], max_meta_step=s["apo_max_meta_step"])
+        s = apo_settings("lr", "next")
+        return cls(optimizer, ProximalObjective.for_apo(model, "lr", "next", **objective),
+                   meta_interval=s["meta_interval"], log_lr_range=log_lr_range,
+                   meta_lr=s["meta_lr"] if meta_lr is None else meta_lr, meta_optimizer=s["meta_optimizer"],
+                   adaptive_interval=s["adaptive_interval"], max_meta_step=s["max_meta_step"])
 
     @property
     def lr_multipliers(self) -> list[float]:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .batches import Batch, batch_size_of, default_forward, get_output
+from .defaults import PAPER_OBJECTIVE, settings as apo_settings
 from .distributed import backward_inputs, free_gathered, shares_of_global_count
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -131,14 +132,14 @@ class ProximalObjective:
     def __init__(
         self,
         model: nn.Module,
-        lambda_fsd: float = 10.0,
-        lambda_wsd: float = 0.0,
+        lambda_fsd: float = PAPER_OBJECTIVE["lambda_fsd"],
+        lambda_wsd: float = PAPER_OBJECTIVE["lambda_wsd"],
         divergence: str | DivergenceFn = "kl",
         forward: ForwardFn | None = None,
         label_shift: int = 0,
         output_key: str = "logits",
-        loss_batch: str = "same",
-        horizon: float = 1,
+        loss_batch: str = PAPER_OBJECTIVE["loss_batch"],
+        horizon: float = PAPER_OBJECTIVE["horizon"],
     ):
         _check_settings(lambda_fsd, lambda_wsd, divergence, label_shift, loss_batch, horizon)
         self.model = model
@@ -150,6 +151,14 @@ class ProximalObjective:
         self.output_key = output_key
         self.loss_batch = loss_batch
         self.horizon = float(horizon)
+
+    @classmethod
+    def for_apo(cls, model: nn.Module, mode: str = "lr", loss_batch: str | None = None, **kwargs) -> ProximalObjective:
+        """The objective ``--apo {mode}`` uses by default (hf_apo.defaults; for ``"lr"``: the next batch, horizon
+        10,000, λ 0); ``kwargs`` (``forward``, ``label_shift``, ``lambda_wsd``, ...) as the constructor's."""
+        s = apo_settings(mode, loss_batch)
+        return cls(model, **{"lambda_fsd": s["lambda_fsd"], "loss_batch": s["loss_batch"], "horizon": s["horizon"],
+                             **kwargs})
 
     @property
     def discount(self) -> float:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .defaults import META_INTERVAL, META_LR
 from .distributed import Layout, local_tensor
 from .factors import FactorAdam, KroneckerFactors
 from .meta import MetaLearnedOptimizer
@@ -72,8 +73,8 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         self, params, objective: ProximalObjective | None = None, *, base: str = "sgd", lr: float = 1e-2,
         momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
         betas: tuple[float, float] | None = None, eps: float | None = None, amsgrad: bool = False,
-        meta_interval: int = 10, meta_lr: float = 0.01, meta_batch_fraction: float = 0.25, max_factor_dim: int = 1024,
-        diagonal_row_params=(), meta_betas: tuple[float, float] = (0.9, 0.999), lookahead_steps: int = 1,
+        meta_interval: int = META_INTERVAL, meta_lr: float = META_LR["precond"], meta_batch_fraction: float = 0.25,
+        max_factor_dim: int = 1024, diagonal_row_params=(), meta_betas: tuple[float, float] = (0.9, 0.999), lookahead_steps: int = 1,
         spectral_meta_step: bool = True, stochastic_rounding: bool = True, shape_only: bool = False,
     ):
         _check_args(base, lr, momentum, weight_decay, max_factor_dim, lookahead_steps, amsgrad)

@@ -329,3 +329,31 @@ def test_docs_flag_table_is_generated_from_the_fields():
     make_flags = runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "make_flags.py"))
     assert make_flags["main"](["--check"]) == 0
     assert "--apo_precond_size {factors,shape,lr}" in make_flags["table"]()
+
+
+@pytest.mark.parametrize("apo, optim", [("lr", "adamw_torch"), ("precond", "adamw_torch")])
+def test_the_plain_pytorch_defaults_are_the_trainers(tmp_path, apo, optim):
+    """ProximalObjective.for_apo and the optimizers' own defaults build what --apo lr / precond builds with every
+    --apo_* flag left unset (one source: hf_apo.defaults)."""
+    from hf_apo import ProximalObjective
+
+    model = tiny_t5()
+    trainer = APOSeq2SeqTrainer(model=model, args=arguments(tmp_path, apo=apo, optim=optim),
+                                train_dataset=CopyDataset(8))
+    built = trainer.create_optimizer()
+    fields = ("lambda_fsd", "lambda_wsd", "loss_batch", "horizon")
+    objective = ProximalObjective.for_apo(model, apo)
+    assert [getattr(objective, f) for f in fields] == [getattr(built.objective, f) for f in fields]
+    # the paper's objective is the constructor's, and --apo_loss_batch same's
+    paper = ProximalObjective(model)
+    same = ProximalObjective.for_apo(model, "lr", "same")
+    assert [getattr(paper, f) for f in fields] == [getattr(same, f) for f in fields] == [10.0, 0.0, "same", 1.0]
+    cls = APOLR if apo == "lr" else APOPrecond
+    plain = cls(model.parameters(), objective, lr=1e-3, **({"base": "adamw"} if apo == "precond" else {}))
+    assert (plain.meta_lr, plain.meta_interval) == (built.meta_lr, built.meta_interval)
+    if apo == "lr":
+        assert (plain.meta_optimizer_kind, plain.adaptive_interval, plain.max_meta_step) == (
+            built.meta_optimizer_kind, built.adaptive_interval, built.max_meta_step)
+        over = APOLR.default_over(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
+        assert [getattr(over.objective, f) for f in fields] == [getattr(built.objective, f) for f in fields]
+        assert (over.meta_lr, over.meta_interval) == (built.meta_lr, built.meta_interval)
