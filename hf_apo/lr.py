@@ -58,7 +58,7 @@ import torch
 
 from .linear_lr import wrapped_optimizer
 from .defaults import LR_META_STEP, META_INTERVAL, META_LR, settings as apo_settings
-from .distributed import Layout, local_tensor
+from .distributed import local_tensor
 from .meta import MetaLearnedOptimizer
 from .next_batch import NextBatchTerms, _split
 from .objective import ProximalObjective
@@ -220,7 +220,7 @@ class APOLR(PhiMetaStep, NextBatchTerms, MetaLearnedOptimizer):
         groups = [self._params_with_grad(group) for group in self.param_groups]
         sizes = [len(group) for group in groups]
         sharded_params = [p for group in groups for p in group]
-        layout = Layout.of(sharded_params)
+        layout = self.layout
         params = [local_tensor(p) for p in sharded_params]  # sharded: this rank's shards (views)
         dtype = torch.promote_types(self.log_lr.dtype, params[0].dtype) if params else torch.float32
         device = params[0].device if params else torch.device("cpu")

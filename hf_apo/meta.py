@@ -71,6 +71,10 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         self.meta_steps = 0
         self.skipped_meta_steps = 0
         self.last_meta_objective = float("nan")
+        # the meta-parameters' gradient at the last meta step, shaped as they are: APO-LR's one entry per group (φ),
+        # APO-Precond's per parameter the list of its factors' gradients
+        self.last_meta_gradient = None
+        self._layout: tuple[tuple[int, ...], Layout] | None = None
         self._current_batch: Batch | None = None
         self._previous_batch: Batch | None = None
 
@@ -92,6 +96,17 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
     def all_params(self) -> list[torch.Tensor]:
         """Every parameter, group after group (sharded: the parameters Accelerate put in place after building)."""
         return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def layout(self) -> Layout:
+        """How the parameters lie over the processes (:class:`~hf_apo.distributed.Layout`): chosen at the first meta
+        step, and again only if the groups' parameters were replaced since (Accelerate puts sharded ones in place
+        after the optimizer is built)."""
+        params = self.all_params()
+        key = tuple(map(id, params))
+        if self._layout is None or self._layout[0] != key:
+            self._layout = (key, Layout.of(params))
+        return self._layout[1]
 
     @staticmethod
     def _params_with_grad(group: dict[str, Any]) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .distributed import Layout, local_tensor
+from .distributed import local_tensor
 
 
 class NextBatchTerms:
@@ -53,7 +53,7 @@ class NextBatchTerms:
             ]
             if dots:
                 dots_per_group[index] = torch.stack(dots).sum()
-        Layout.of(self.all_params()).sum_over_shards(dots_per_group)  # sharded: this rank's shards of D and g
+        self.layout.sum_over_shards(dots_per_group)  # sharded: this rank's shards of D and g
         meta_grad = meta_grad + dots_per_group
         if self.objective.horizon == 1:
             self._displacement = None  # rebuilt at the next look-ahead: no persistent copy of the parameters

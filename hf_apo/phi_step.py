@@ -26,7 +26,6 @@ import math
 
 import torch
 
-from .distributed import Layout
 
 META_OPTIMIZERS = ("adam", "rprop")
 RPROP_ETAS = (0.5, 1.2)  # φ's step halves when the meta-gradient flips sign and grows ×1.2 while it keeps it
@@ -101,7 +100,7 @@ class PhiMetaStep:
         During a warm-up only the parts of the meta-gradient that lower φ (positive ones) are applied, and φ does not
         rise. Then the cadence: the next look-ahead follows at once while φ keeps moving one way."""
         self.last_meta_gradient = meta_grad.detach().cpu()
-        if not self._reduce_and_check(meta_grad, objective, Layout.of(self.all_params())):
+        if not self._reduce_and_check(meta_grad, objective, self.layout):
             self._cadence.schedule(moving=False, interval=self.meta_interval)
             return None
         grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)

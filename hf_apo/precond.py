@@ -211,7 +211,7 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         params = [p for _, group_params in groups for p in group_params]
         if not params:
             return False
-        layout = Layout.of(params)
+        layout = self.layout
         target = self.objective.target(meta_batch)
 
         theta = [local_tensor(p).detach().clone() for p in params]  # the one extra copy of the parameters

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .distributed import Layout, local_tensor
+from .distributed import local_tensor
 from .objective import ProximalObjective
 from .precision import no_autocast
 
@@ -195,7 +195,7 @@ class AdamWBase:
         if not params:
             return False
         zero = torch.zeros((), dtype=torch.float64, device=params[0].device)
-        stepped = self._step_factors(params, meta_grads, zero, zero, Layout.of(params))
+        stepped = self._step_factors(params, meta_grads, zero, zero, self.layout)
         self.last_meta_objective = float("nan")  # the loss is not evaluated: the Trainer logs it
         return stepped
 

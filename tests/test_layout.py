@@ -76,3 +76,40 @@ def test_lookahead_gradients_keep_the_real_gradient_in_grad():
         real = p.grad
         _, v = layout.lookahead_gradients(Objective(), [p], None, None, None)
         assert torch.equal(v[0], torch.full((3,), 7.0)) and p.grad is real
+
+
+def test_the_optimizer_chooses_its_layout_once_and_again_when_its_parameters_change(monkeypatch):
+    """APO-LR and APO-Precond read one Layout per set of parameters: not rebuilt at each meta step, rebuilt when the
+    groups' parameters are replaced (as Accelerate does when it shards them after the optimizer is built)."""
+    from hf_apo import APOLR, APOPrecond, ProximalObjective
+    from hf_apo import distributed
+
+    built = []
+    original = distributed.Layout.of.__func__
+
+    def counting(cls, params):
+        built.append(len(params))
+        return original(cls, params)
+
+    monkeypatch.setattr(distributed.Layout, "of", classmethod(counting))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    batch = {"x": torch.randn(4, 3), "y": torch.randn(4, 2)}
+
+    def forward(m, b):
+        out = m(b["x"])
+        return {"loss": ((out - b["y"]) ** 2).mean(), "logits": out}
+
+    objective = ProximalObjective(model, forward=forward, divergence="squared_error", lambda_fsd=1.0)
+    for optimizer in (APOLR(model.parameters(), objective, lr=1e-2, meta_interval=1),
+                      APOPrecond(model.parameters(), objective, base="adamw", lr=1e-2, meta_interval=1)):
+        built.clear()
+        for _ in range(3):
+            optimizer.zero_grad()
+            forward(model, batch)["loss"].backward()
+            optimizer.observe(batch)
+            optimizer.step()
+        assert optimizer.meta_steps == 3 and built == [2]
+        replaced = [torch.nn.Parameter(p.detach().clone()) for p in optimizer.param_groups[0]["params"]]
+        optimizer.param_groups[0]["params"] = replaced
+        assert optimizer.layout is optimizer.layout and built == [2, 2]
