@@ -281,10 +281,6 @@ def load_local_shards(path: str, params: list[torch.Tensor], *, process_index: i
     """Read a file written by :func:`save_local_shards` with ``weights_only=True`` and return the optimizer state
     dict with each recorded shard put back as a DTensor on the mesh of ``params`` (this run's parameters)."""
     saved = safe_load(path, map_location=map_location)
-    if isinstance(saved, dict) and "format" not in saved and {"state", "param_groups"} <= saved.keys():
-        # Written by hf_apo before this format, with the DTensors themselves: torch.load(weights_only=True) accepts
-        # those (torch.distributed.tensor allow-lists DTensor and DeviceMesh) and they load as they are.
-        return saved
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise RefusedCheckpointError(
             f"Refused to load {path}: it is not an hf_apo FSDP2 optimizer file (format {FORMAT!r}). Nothing was "
