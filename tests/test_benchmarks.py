@@ -78,10 +78,12 @@ def test_overhead_quick(tmp_path):
 def test_quality_quick(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    run_script("quality.py", tmp_path)
+    # one task of each kind: squared error on tabular data, classification (KL), seq2seq token cross-entropy (the
+    # other two are also squared error on small MLPs: the suite keeps under 10 minutes on 2 cores)
+    tasks = ["diabetes", "digits_classification", "translation"]
+    run_script("quality.py", tmp_path, "--tasks", *tasks)
     results = json.loads((tmp_path / "quality.json").read_text())
-    assert set(results["tasks"]) == {"diabetes", "digits_autoencoder", "digits_classification", "teacher_student",
-                                     "translation"}
+    assert set(results["tasks"]) == set(tasks)
     for name, task in results["tasks"].items():
         assert positive_finite(task["target_loss"]), name
         selected = task["selected"]
