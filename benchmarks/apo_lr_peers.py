@@ -490,12 +490,16 @@ def study_sweep(task: str, output_dir: Path, quick: bool) -> Sweep:
     return sweep
 
 
-def phased_main(doc: str, candidates, baselines, candidate_runs, finalists_of, report, argv=None) -> None:
+def phased_main(doc: str, candidates, baselines, candidate_runs, finalists_of, report, argv=None,
+                extra_phases=None) -> None:
     """The command line of a study run in phases over :data:`SCENARIOS` (this one, ``apo_precond_split.py``): ``run
-    --phase baselines|candidates|all [--stage 1|2]``, each task's sweep checked against the study's checkpoint."""
+    --phase baselines|candidates|all [--stage 1|2]``, each task's sweep checked against the study's checkpoint;
+    ``extra_phases``: more phases, name → a function of the task's sweep and the output directory."""
+    extra_phases = extra_phases or {}
+
     def run_arguments(run) -> None:
         run.add_argument("--tasks", nargs="+", choices=SCENARIOS, required=True)
-        run.add_argument("--phase", choices=("baselines", "candidates", "all"), required=True)
+        run.add_argument("--phase", choices=("baselines", "candidates", "all", *extra_phases), required=True)
         run.add_argument("--stage", type=int, choices=(1, 2), default=1)
         run.add_argument("--candidates", nargs="+", choices=list(candidates), help="only these (default: the stage's)")
 
@@ -509,6 +513,8 @@ def phased_main(doc: str, candidates, baselines, candidate_runs, finalists_of, r
                 names = args.candidates or (list(candidates) if args.stage == 1 or args.quick
                                             else finalists_of(args.output_dir, args.quick))
                 candidate_runs(sweep, names)
+            if args.phase in extra_phases:
+                extra_phases[args.phase](sweep, args.output_dir)
 
     study_main(doc, run_arguments, run_command, lambda args: report(args.output_dir, args.quick), argv)
 

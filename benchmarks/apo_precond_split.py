@@ -69,10 +69,12 @@ if __package__ in (None, ""):
 from benchmarks.apo_lr_defaults import meta_passes
 from benchmarks.apo_lr_peers import (
     GRIDS, SCENARIOS, SMALL, adamw_name, best_linear_lr, cell_value, cosine_lrs, run_adamw,
-    phased_main, runs_by, seeds_of, tuned_baseline,
+    phased_main, run_score, runs_by, seeds_of, tuned_baseline,
 )
 from benchmarks.common import MethodSpec, environment
-from benchmarks.sweep import TRAINER_TASKS, Sweep, mean_ranks, ordered_by_rule as rule_order
+from benchmarks.sweep import (
+    LONG_BUDGETS, QUICK_BUDGET, TRAINER_TASKS, Sweep, load_runs, mean_ranks, ordered_by_rule as rule_order,
+)
 
 # APO-Precond over AdamW: meta_lr 0.01 and K 10 (the shipping values); the factors' objective and the size's learner
 _FACTORS = dict(meta_lr=0.01, meta_interval=10, lambda_wsd=0.0, horizon=1.0)
@@ -126,6 +128,33 @@ def run_baselines(sweep: Sweep) -> None:
         run_adamw(sweep, "warmup_cosine", lr)
     for lr in soap_lrs(best):
         run_soap(sweep, lr)
+
+
+PRECISION_STORE = "apo_precond_split_precision"
+PRECISION_CANDIDATE = "split_same"  # the rule's winner
+
+
+def run_precision(sweep: Sweep, output_dir: Path) -> None:
+    """``--phase precision``: the winner at the tuned LR, seed 0, in float32 and under bf16 autocast, side by side in
+    one process (a store of its own: the rule's runs are float32)."""
+    if sweep.task not in SMALL:
+        raise SystemExit(f"--phase precision runs on the small tasks ({', '.join(SMALL)}), not {sweep.task}.")
+    best = best_linear_lr(sweep)
+    pair = Sweep(sweep.task, output_dir, sweep.quick, store=PRECISION_STORE, seeds=(0,))
+    spec = spec_of(PRECISION_CANDIDATE, best)
+    for precision in ("fp32", "bf16_autocast"):
+        pair.run(spec.name, best, spec=spec, precision=precision)
+
+
+def precision_changes(output_dir: Path, quick: bool) -> dict[str, float]:
+    """Task → the winner's relative change of the final validation loss under bf16 autocast (seed 0)."""
+    out = {}
+    for task in SMALL:
+        rows = {r["precision"]: r for r in load_runs(output_dir, task, store=PRECISION_STORE)
+                if r["steps"] == (QUICK_BUDGET if quick else LONG_BUDGETS[task])[0]}
+        if {"fp32", "bf16_autocast"} <= rows.keys():
+            out[task] = run_score(task, rows["bf16_autocast"]) / run_score(task, rows["fp32"]) - 1
+    return out
 
 
 def run_candidates(sweep: Sweep, names: list[str]) -> None:
@@ -242,6 +271,7 @@ def summarize(output_dir: Path, quick: bool) -> dict:
         "stage1": stage1, "finalists": chosen, "stage2": stage2,
         "winner": ordered_by_rule(stage2)[0] if stage2_done else None,
         "targets": {c: targets(c, values_by_task) for c in CANDIDATES},
+        "bf16_autocast_change": precision_changes(output_dir, quick),
     }
 
 
@@ -277,13 +307,18 @@ def markdown(summary: dict) -> str:
               "", f"**Winner by the rule: {summary['winner'] or 'not decided yet'}**", "", "## Targets", "",
               "| candidate | vs tuned AdamW per scenario | beats it on ≥ 4/6 with finetune | never > 2% worse | "
               "within 10% of SOAP on ≥ 3/6 | ahead of SOAP at equal time (finetune) |", "|---|---|---|---|---|---|"]
+    bf16 = summary.get("bf16_autocast_change") or {}
+    tail = ["", f"## bf16 autocast ({PRECISION_CANDIDATE}, seed 0, `--phase precision`)", "",
+            (", ".join(f"{task} {pct(d)}" for task, d in bf16.items()) + " against float32: within 1% "
+             + ("**met**" if all(abs(d) <= 0.01 for d in bf16.values()) else "**not met**")
+             + (f" on {len(bf16)} of {len(SMALL)} tasks" if len(bf16) < len(SMALL) else "") + ".") if bf16 else "not run."]
     for c, t in summary["targets"].items():
         per = ", ".join(f"{task} {pct(d)}" for task, d in t["versus_adamw"].items()) or "—"
         yes = {True: "met", False: "not met"}
         lines.append(f"| {c} | {per} | {yes[t['beats_adamw_4_of_6']]} | {yes[t['never_2pct_worse']]} | "
                      f"{yes[t['within_10pct_of_soap_3_of_6']]} | {yes[t['ahead_of_soap_equal_time_finetune']]} "
                      f"({pct(t['finetune_versus_soap_equal_time'])}) |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + tail) + "\n"
 
 
 def write_report(output_dir: Path, quick: bool) -> dict:
@@ -297,7 +332,8 @@ def write_report(output_dir: Path, quick: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    phased_main(__doc__, CANDIDATES, run_baselines, run_candidates, finalists, write_report, argv)
+    phased_main(__doc__, CANDIDATES, run_baselines, run_candidates, finalists, write_report, argv,
+                extra_phases={"precision": run_precision})
 
 
 if __name__ == "__main__":

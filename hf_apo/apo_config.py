@@ -14,7 +14,7 @@ from transformers.training_args import OptimizerNames
 
 from .defaults import (  # noqa: F401  (re-exported: the flags' choices and defaults)
     APO_DEFAULTS, APO_LOSS_BATCHES, APO_LR_META_OPTIMIZERS, APO_LR_OPTIMS, APO_MODES, APO_PRECOND_OPTIMS,
-    APO_PRECOND_SIZES, DEFAULT_LOSS_BATCH,
+    APO_PRECOND_SIZES, DEFAULT_LOSS_BATCH, DEFAULT_PRECOND_SIZE,
 )
 
 DEEPSPEED_REFUSAL = (
@@ -96,14 +96,14 @@ class APOArgumentsMixin:
             "choices": list(APO_LOSS_BATCHES),
         },
     )
-    apo_precond_size: str = field(
-        default="factors",
+    apo_precond_size: str | None = field(
+        default=None,
         metadata={
             "help": "--apo precond: what sets the step's size. 'factors' (the learned factors carry size and shape; "
             "the LR is --learning_rate under the schedule), 'shape' (the factors are renormalized to shape only, mean "
             "eigenvalue 1 per side, after every meta step; the size is the scheduled LR) or 'lr' (shape-only factors, "
             "and one LR multiplier per parameter group learned as --apo lr learns it: next batch, horizon 10000, from "
-            "--learning_rate as the start).",
+            "--learning_rate as the start). Unset: 'lr' over AdamW, 'factors' over SGD.",
             "choices": list(APO_PRECOND_SIZES),
         },
     )
@@ -191,7 +191,9 @@ class APOArgumentsMixin:
 
     def __post_init__(self):
         # Before the parent's checks: a DeepSpeed config would otherwise be loaded (and need deepspeed) first.
-        self._validate_apo_fields()
+        self._validate_apo_choices()
+        self._validate_apo_numbers()
+        self._validate_apo_combinations()
         self._validate_apo_with_parent()
         super().__post_init__()
         self._validate_apo_fsdp()  # after the parent has normalized --fsdp and --fsdp_config
@@ -205,7 +207,15 @@ class APOArgumentsMixin:
         loss_batch = self.apo_loss_batch or DEFAULT_LOSS_BATCH[mode]
         if flag == "apo_loss_batch":
             return loss_batch
+        if flag == "apo_precond_size":
+            return DEFAULT_PRECOND_SIZE["sgd" if self._optim_name() == "sgd" else "adamw"]
         return APO_DEFAULTS[(mode, loss_batch)][flag]
+
+    def _optim_name(self) -> str:
+        try:
+            return OptimizerNames(self.optim).value
+        except ValueError:
+            return str(self.optim)
 
     def to_dict(self):
         """The parent's dict (what reporters such as W&B record) with each unset ``--apo_*`` flag's value in effect; the
@@ -214,16 +224,13 @@ class APOArgumentsMixin:
         if self.apo != "none":
             for flag in ("apo_loss_batch", *APO_DEFAULTS[("lr", "next")]):
                 values[flag] = self.apo_setting(flag)
+        if self.apo == "precond":
+            values["apo_precond_size"] = self.apo_setting("apo_precond_size")
         return values
 
     @property
     def apo_effective_meta_lr(self) -> float:
         return self.apo_setting("apo_meta_lr") if self.apo != "none" else 0.0
-
-    def _validate_apo_fields(self) -> None:
-        self._validate_apo_choices()
-        self._validate_apo_numbers()
-        self._validate_apo_combinations()
 
     def _validate_apo_choices(self) -> None:
         if self.apo not in APO_MODES:
@@ -232,7 +239,7 @@ class APOArgumentsMixin:
             raise ValueError(
                 f"--apo_loss_batch must be one of {', '.join(APO_LOSS_BATCHES)}; got {self.apo_loss_batch!r}."
             )
-        if self.apo_precond_size not in APO_PRECOND_SIZES:
+        if self.apo_precond_size is not None and self.apo_precond_size not in APO_PRECOND_SIZES:
             raise ValueError(
                 f"--apo_precond_size must be one of {', '.join(APO_PRECOND_SIZES)}; got {self.apo_precond_size!r}."
             )
@@ -275,7 +282,7 @@ class APOArgumentsMixin:
             raise ValueError(f"--apo_max_factor_dim must be an integer >= 1; got {self.apo_max_factor_dim!r}.")
 
     def _validate_apo_combinations(self) -> None:
-        if self.apo_precond_size != "factors" and self.apo != "precond":
+        if self.apo_precond_size not in (None, "factors") and self.apo != "precond":
             raise ValueError(f"--apo_precond_size {self.apo_precond_size} is --apo precond's; drop it or pass --apo "
                              "precond.")
         if self.apo == "precond" and self.apo_loss_batch == "next" and (
@@ -299,10 +306,7 @@ class APOArgumentsMixin:
     def _validate_apo_with_parent(self) -> None:
         if self.apo == "none":
             return
-        try:
-            optim = OptimizerNames(self.optim).value
-        except ValueError:
-            optim = str(self.optim)
+        optim = self._optim_name()
         if self.apo == "lr" and optim not in APO_LR_OPTIMS:
             raise ValueError(
                 f"--apo lr wraps an optimizer whose step is linear in the learning rate (and whose state does not "

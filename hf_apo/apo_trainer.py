@@ -152,19 +152,21 @@ class APOTrainerMixin:
     def _apo_precond(self, model, base, objective: ProximalObjective, meta: dict):
         """APO-Precond over the AdamW or SGD the parent built; with ``--apo_precond_size lr``, inside APO-LR."""
         args = self.args
+        size = args.apo_setting("apo_precond_size")
         build = APOPrecond.from_adamw if isinstance(base, torch.optim.AdamW) else APOPrecond.from_sgd
         precond = build(base, objective, max_factor_dim=args.apo_max_factor_dim,
                         lookahead_steps=args.apo_lookahead_steps, spectral_meta_step=args.apo_spectral_meta_step,
                         stochastic_rounding=args.apo_stochastic_rounding,
                         diagonal_row_params=self.apo_diagonal_row_params(model),
-                        shape_only=args.apo_precond_size in ("shape", "lr"), **meta)
-        return self._apo_size_learner(model, precond) if args.apo_precond_size == "lr" else precond
+                        shape_only=size in ("shape", "lr"), **meta)
+        return self._apo_size_learner(model, precond) if size == "lr" else precond
 
     def _apo_size_learner(self, model, precond: APOPrecond) -> APOLR:
         """``--apo_precond_size lr``: APO-LR's default learns one LR multiplier per group over the shape-only factors;
         the step's LR is the scheduled one times the multiplier."""
         return APOLR.default_over(precond, model, meta_lr=None if self.args.apo_effective_meta_lr > 0 else 0.0,
-                                  log_lr_range=(-self.args.apo_lr_clamp, self.args.apo_lr_clamp))
+                                  log_lr_range=(-self.args.apo_lr_clamp, self.args.apo_lr_clamp),
+                                  label_shift=precond.objective.label_shift)
 
     def apo_diagonal_row_params(self, model) -> list:
         """``--apo precond``: the parameters whose row side gets a diagonal factor (the vocabulary weights)."""

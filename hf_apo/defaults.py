@@ -51,3 +51,7 @@ def settings(mode: str, loss_batch: str | None = None) -> dict:
 
 
 APO_PRECOND_SIZES = ("factors", "shape", "lr")
+# --apo_precond_size left unset, per base: over AdamW the rule's winner of benchmarks/apo_precond_split.py (issue 18:
+# shape-only factors from the same-batch objective, the size learned by APO-LR; best mean rank over six scenarios),
+# over SGD the factors that carry size and shape (benchmarks/results/apo_precond_compare.md)
+DEFAULT_PRECOND_SIZE = {"adamw": "lr", "sgd": "factors"}

@@ -255,7 +255,8 @@ def test_apo_precond_split_quick_applies_the_rule(tmp_path):
     common = ["--quick", "--output_dir", str(tmp_path)]
     threads = torch.get_num_threads()
     try:  # in this process: the script's command line, without a second interpreter's start-up
-        for command in (["run", "--tasks", "digits_autoencoder", "--phase", "all"], ["report"]):
+        for command in (["run", "--tasks", "digits_autoencoder", "--phase", "all"],
+                        ["run", "--tasks", "digits_autoencoder", "--phase", "precision"], ["report"]):
             apo_precond_split.main([*command, *common])
     finally:
         torch.set_num_threads(threads)
@@ -273,6 +274,10 @@ def test_apo_precond_split_quick_applies_the_rule(tmp_path):
     order = sorted(values, key=values.get)
     assert report["stage1"] == {c: float(order.index(c) + 1) for c in CANDIDATES}
     assert report["winner"] is None  # stage 2 has not run
+    pair = {r["precision"]: r["final"] for r in map(json.loads, (tmp_path / "apo_precond_split_precision" /
+                                                                 "digits_autoencoder.jsonl").open())}
+    assert report["bf16_autocast_change"] == {"digits_autoencoder": pytest.approx(pair["bf16_autocast"] /
+                                                                                  pair["fp32"] - 1)}
     base = report["baseline"]["digits_autoencoder"]
     for c in CANDIDATES:
         assert report["targets"][c]["versus_adamw"]["digits_autoencoder"] == pytest.approx(values[c] / base - 1)

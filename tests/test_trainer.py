@@ -56,7 +56,10 @@ def test_meta_lr_zero_equals_parent_trainer(tmp_path, apo, optim):
         train_dataset=CopyDataset(),
     )
     trainer.train()
-    assert isinstance(trainer.apo_optimizer, APOLR if apo == "lr" else APOPrecond)
+    learns_size = apo == "lr" or optim.get("optim") == "adamw_torch"  # precond over AdamW: APO-LR over the factors
+    assert isinstance(trainer.apo_optimizer, APOLR if learns_size else APOPrecond)
+    if apo == "precond":
+        assert isinstance(trainer.apo_optimizer.inner if learns_size else trainer.apo_optimizer, APOPrecond)
     assert losses(trainer) == losses(parent)
     assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), parent.model.parameters()))
     # The Trainer's weight-decay groups survive the wrapping.
@@ -231,6 +234,10 @@ def test_help_lists_apo_flags():
                                                   "--apo_meta_interval", "4"])
     assert args.apo_setting("apo_meta_interval") == 4
     assert args.apo_setting("apo_loss_batch") == "same" and args.apo_effective_meta_lr == 0.01
+    # the step's size: the factors' over SGD; over AdamW learned by APO-LR (the issue-18 rule's winner)
+    assert args.apo_precond_size is None and args.to_dict()["apo_precond_size"] == "factors"
+    (adamw,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--apo", "precond"])
+    assert adamw.apo_setting("apo_precond_size") == "lr" and adamw.to_dict()["apo_precond_size"] == "lr"
     # the Trainer's APO-Precond defaults are the optimizer's own
     signature = inspect.signature(APOPrecond).parameters
     assert signature["meta_lr"].default == args.apo_effective_meta_lr
@@ -341,6 +348,9 @@ def test_the_plain_pytorch_defaults_are_the_trainers(tmp_path, apo, optim):
     trainer = APOSeq2SeqTrainer(model=model, args=arguments(tmp_path, apo=apo, optim=optim),
                                 train_dataset=CopyDataset(8))
     built = trainer.create_optimizer()
+    if apo == "precond":  # over AdamW, unset --apo_precond_size is lr: APO-LR learns the size over shape-only factors
+        assert isinstance(built, APOLR) and isinstance(built.inner, APOPrecond) and built.inner.shape_only
+        built = built.inner
     fields = ("lambda_fsd", "lambda_wsd", "loss_batch", "horizon")
     objective = ProximalObjective.for_apo(model, apo)
     assert [getattr(objective, f) for f in fields] == [getattr(built.objective, f) for f in fields]
