@@ -45,13 +45,16 @@ The rule, written before the runs:
   schedule on ≥ 4 of 6 scenarios, the fine-tune among them, and is never more than 2% worse; within 10% of SOAP's
   loss at equal steps on ≥ 3 of 6; ahead of SOAP at equal wall-clock on the fine-tune (each method's loss at the last
   evaluation before the shorter run's training time; on the Trainer scenarios a run's time at an evaluation is taken
-  as its wall time × step / steps). The cost targets (≤ 1.15× AdamW's step at 4k tokens, peak ≤ 1.5×) and bf16 are
-  measured by ``overhead.py`` and ``cuda_check.py``, not here.
+  as its wall time × step / steps). The cost targets (≤ 1.15× AdamW's step at 4k tokens, peak ≤ 1.5×) are measured
+  by ``overhead.py``; bf16 autocast against float32 (the winner, seed 0, the small tasks) by ``--phase precision``,
+  added after the rule's runs.
 
 Usage::
 
     python benchmarks/apo_precond_split.py run --tasks teacher_student --phase baselines
     python benchmarks/apo_precond_split.py run --tasks teacher_student --phase candidates --stage 1
+    python benchmarks/apo_precond_split.py run --tasks translation --phase candidates --stage 2
+    python benchmarks/apo_precond_split.py run --tasks teacher_student --phase precision   # bf16 autocast vs fp32
     python benchmarks/apo_precond_split.py report
     python benchmarks/apo_precond_split.py run --quick --output_dir /tmp/split --tasks digits_autoencoder --phase all
 """
