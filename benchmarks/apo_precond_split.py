@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ from benchmarks.apo_lr_peers import (
     GRIDS, SCENARIOS, SMALL, adamw_name, best_linear_lr, cell_value, cosine_lrs, run_adamw,
     phased_main, run_score, runs_by, seeds_of, tuned_baseline,
 )
-from benchmarks.common import MethodSpec, environment
+from benchmarks.common import MethodSpec, environment, save_figure
 from benchmarks.sweep import (
     LONG_BUDGETS, QUICK_BUDGET, TRAINER_TASKS, Sweep, load_runs, mean_ranks, ordered_by_rule as rule_order,
 )
@@ -324,8 +325,33 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines + tail) + "\n"
 
 
+def plot(output_dir: Path, quick: bool) -> Path | None:
+    """Per scenario: the seed-mean validation loss along the run of the baselines, SOAP and the candidates, each at
+    the LR the table reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values_by_task = {t: v for t in SCENARIOS if (v := scenario_values(output_dir, t, quick))}
+    if not values_by_task:
+        return None
+    figure, axes = plt.subplots(1, len(values_by_task), figsize=(4.2 * len(values_by_task), 3.6), squeeze=False)
+    for axis, (task, values) in zip(axes[0], values_by_task.items()):
+        for method, v in values.items():
+            length = min(len(r["losses"]) for r in v["rows"])
+            curve = [statistics.fmean(r["losses"][i] for r in v["rows"]) for i in range(length)]
+            style = "-" if method.startswith("precond_") else "--"
+            axis.plot(v["rows"][0]["eval_steps"][:length], curve, style, label=method, linewidth=1.2)
+        axis.set(yscale="log", title=task, xlabel="step")
+    axes[0][0].set_ylabel("validation loss (seed mean)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return save_figure(figure, output_dir / "apo_precond_split.png", dpi=90)
+
+
 def write_report(output_dir: Path, quick: bool) -> dict:
     summary = summarize(output_dir, quick)
+    plot(output_dir, quick)
     stem = output_dir / "apo_precond_split"
     stem.with_suffix(".md").write_text(markdown(summary))
     stem.with_suffix(".json").write_text(json.dumps({**summary, "environment": environment()}, indent=1,

@@ -274,6 +274,7 @@ def test_apo_precond_split_quick_applies_the_rule(tmp_path):
     order = sorted(values, key=values.get)
     assert report["stage1"] == {c: float(order.index(c) + 1) for c in CANDIDATES}
     assert report["winner"] is None  # stage 2 has not run
+    assert (tmp_path / "apo_precond_split.png").stat().st_size > 1000
     pair = {r["precision"]: r["final"] for r in map(json.loads, (tmp_path / "apo_precond_split_precision" /
                                                                  "digits_autoencoder.jsonl").open())}
     assert report["bf16_autocast_change"] == {"digits_autoencoder": pytest.approx(pair["bf16_autocast"] /
