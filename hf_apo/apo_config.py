@@ -29,7 +29,8 @@ def check_apo_fsdp(version: int, xla: bool = False, cpu_offload: bool = False) -
     """Refuse FSDP1, XLA FSDP and CPU offload with --apo; FSDP2 only with the opt-in until it has run on a GPU.
 
     On the CPU Accelerate ignores --fsdp (it trains as plain multi-CPU DDP), so the Trainer's FSDP2 path is tested
-    there with Accelerate's FSDP2 state forced (tests/test_fsdp.py); benchmarks/fsdp_gpu_check.py is the GPU check.
+    there with Accelerate's FSDP2 state forced (tests/test_distributed.py); benchmarks/fsdp_gpu_check.py is the GPU
+    check.
     """
     if version != 2 or xla:
         raise ValueError(

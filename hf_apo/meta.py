@@ -142,10 +142,10 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- guard and reduction ------------------------------------------------------------------------------
-    def _reduce_and_check(self, meta_grad: torch.Tensor, objective: torch.Tensor, layout: Layout) -> bool:
+    def _reduce_and_check(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> bool:
         """The mean over ranks of [meta-gradient, Q] (:meth:`~hf_apo.distributed.Layout.average`, in place); False,
         with a warning, if any is non-finite on any rank (every rank takes the same decision)."""
-        finite, self.last_meta_objective = layout.average(meta_grad, objective)
+        finite, self.last_meta_objective = self.layout.average(meta_grad, objective)
         if finite:
             self.meta_steps += 1
         else:

@@ -100,7 +100,7 @@ class PhiMetaStep:
         During a warm-up only the parts of the meta-gradient that lower φ (positive ones) are applied, and φ does not
         rise. Then the cadence: the next look-ahead follows at once while φ keeps moving one way."""
         self.last_meta_gradient = meta_grad.detach().cpu()
-        if not self._reduce_and_check(meta_grad, objective, self.layout):
+        if not self._reduce_and_check(meta_grad, objective):
             self._cadence.schedule(moving=False, interval=self.meta_interval)
             return None
         grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .defaults import META_INTERVAL, META_LR
-from .distributed import Layout, local_tensor
+from .distributed import local_tensor
 from .factors import FactorAdam, KroneckerFactors
 from .meta import MetaLearnedOptimizer
 from .objective import ProximalObjective
@@ -211,20 +211,19 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         params = [p for _, group_params in groups for p in group_params]
         if not params:
             return False
-        layout = self.layout
         target = self.objective.target(meta_batch)
 
         theta = [local_tensor(p).detach().clone() for p in params]  # the one extra copy of the parameters
         scales = self._lookahead_(groups)  # θ′ = θ + Δ(φ) in place; ∂Δ/∂P = scale per parameter
         # v at θ′; g, which the VJP and the real step still need, stays in .grad
-        result, lookahead_grads = layout.lookahead_gradients(self.objective, params, batch, meta_batch, target)
+        result, lookahead_grads = self.layout.lookahead_gradients(self.objective, params, batch, meta_batch, target)
         param_group = [group for group, group_params in groups for _ in group_params]
         meta_grads, proximity = self._factor_vjps(params, param_group, lookahead_grads, scales, theta)
         objective = result.objective.to(torch.float64)
         del theta, result, lookahead_grads
-        return self._step_factors(params, meta_grads, objective, proximity, layout)
+        return self._step_factors(params, meta_grads, objective, proximity)
 
-    def _step_factors(self, params, meta_grads, objective, proximity, layout: Layout) -> bool:
+    def _step_factors(self, params, meta_grads, objective, proximity) -> bool:
         """Reduce the factors' meta-gradient (over shards, then ranks), guard it, take the meta step, and with
         ``shape_only`` renormalize the factors; False (factors unchanged) when Q or the gradient is not finite."""
         flat = torch.cat([g.reshape(-1).to(torch.float64) for g in meta_grads])
@@ -234,9 +233,9 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         partial = torch.cat([torch.full((t.numel(),), summed, device=flat.device) for p in params
                              for t, summed in zip(self.factors[p].tensors, self.factors[p].summed_over_shards)])
         flat = torch.cat([flat, proximity.reshape(1).to(flat.device)])
-        layout.sum_over_shards_where(flat, torch.cat([partial, partial.new_ones(1)]))
+        self.layout.sum_over_shards_where(flat, torch.cat([partial, partial.new_ones(1)]))
         flat, objective = flat[:-1], objective + flat[-1]
-        if not self._reduce_and_check(flat, objective.to(flat.device), layout):
+        if not self._reduce_and_check(flat, objective.to(flat.device)):
             return False
 
         offset = 0
@@ -249,18 +248,18 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
             for t in self.factors[p].tensors:
                 t.grad = None
         if self.shape_only:
-            self._normalize_factors(params, layout)
+            self._normalize_factors(params)
         else:
             for p in params:
                 self.factors[p].refresh()
         return True
 
-    def _normalize_factors(self, params, layout: Layout) -> None:
+    def _normalize_factors(self, params) -> None:
         """``shape_only``: every side to mean eigenvalue 1 (:meth:`~hf_apo.factors.KroneckerFactors.normalize_`);
         the norms of diagonal row sides over this rank's rows are summed over the shards first (one all-reduce)."""
         norms = [self.factors[p].squared_norms().to(torch.float64) for p in params]
         local = torch.cat([torch.tensor(self.factors[p].rows_are_local, device=n.device) for p, n in zip(params, norms)])
-        flat = layout.sum_over_shards_where(torch.cat(norms), local)
+        flat = self.layout.sum_over_shards_where(torch.cat(norms), local)
         for p, squared in zip(params, flat.split([len(n) for n in norms])):
             self.factors[p].normalize_(squared)
 

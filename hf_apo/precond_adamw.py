@@ -195,7 +195,7 @@ class AdamWBase:
         if not params:
             return False
         zero = torch.zeros((), dtype=torch.float64, device=params[0].device)
-        stepped = self._step_factors(params, meta_grads, zero, zero, self.layout)
+        stepped = self._step_factors(params, meta_grads, zero, zero)
         self.last_meta_objective = float("nan")  # the loss is not evaluated: the Trainer logs it
         return stepped
 
