@@ -33,10 +33,11 @@ COMMON = ["--llama", "--max_steps", "8", "--per_device_train_batch_size", "4", "
           "--lr_scheduler_type", "constant", "--logging_steps", "2", "--seed", "0", "--data_seed", "0",
           "--disable_tqdm", "true"]
 FSDP2 = ["--fsdp", "full_shard", "--fsdp_config", '{"version": 2}', "--save_strategy", "steps", "--save_steps", "4"]
-VARIANTS = {  # tests/test_fsdp.py runs these same variants on CPU processes
+VARIANTS = {  # tests/test_distributed.py runs these same variants on CPU processes
     "lr": ["--apo", "lr", "--apo_loss_batch", "same", "--apo_meta_lr", "0.2"],
+    # Rprop's step sizes and the adaptive cadence follow the signs of the reduced meta-gradient (the same on every rank)
     "lr_next": ["--apo", "lr", "--apo_loss_batch", "next", "--apo_lambda_fsd", "1", "--apo_horizon", "10",
-                "--apo_meta_lr", "0.2"],
+                "--apo_meta_lr", "0.2", "--apo_meta_optimizer", "rprop", "--apo_adaptive_interval", "true"],
     # --diagonal_rows: the unsharded run gets the factors FSDP2 allows
     "precond": ["--apo", "precond", "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.05",
                 "--apo_meta_lr", "0.05", "--diagonal_rows"],

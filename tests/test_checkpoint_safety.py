@@ -3,7 +3,7 @@
 A tampered file, whose pickle would call a function when loaded, is refused by the Trainer glue with an error that
 names the file and says nothing was loaded, and the payload never runs. A state with DTensors (on a one-process gloo
 mesh) round-trips exactly through a file that needs nothing beyond torch's default weights-only allowlist. The
-two-process FSDP2 resume of the Trainer (tests/test_fsdp.py -k trainer) checks the same end to end.
+two-process FSDP2 resume of the Trainer (tests/test_distributed.py) checks the same end to end.
 """
 
 import math

@@ -149,8 +149,11 @@ def write_jsonl(path, records):
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
 
 
-@pytest.mark.parametrize("case", ["missing_target_key", "missing_file", "csv_without_language_column"])
-def test_bad_input_ends_with_one_error_line(case, apo_lr_run, hf_home, tmp_path):
+BAD_DATA_FILES = ["missing_target_key", "missing_file", "csv_without_language_column"]
+
+
+def bad_data_file(case, tmp_path):
+    """A data file that cannot be read as translation pairs, and the start of the error naming it."""
     if case == "missing_target_key":
         data_file = tmp_path / "data.jsonl"
         pairs = [
@@ -160,15 +163,27 @@ def test_bad_input_ends_with_one_error_line(case, apo_lr_run, hf_home, tmp_path)
             {"en": "four", "de": "vier"},
         ]
         write_jsonl(data_file, [{"translation": pair} for pair in pairs])
-        expected = f'error: --train_file {data_file}: record 3 has no "de" key in "translation"'
-    elif case == "missing_file":
+        return data_file, f'--train_file {data_file}: record 3 has no "de" key in "translation"'
+    if case == "missing_file":
         data_file = tmp_path / "does_not_exist.jsonl"
-        expected = f"error: --train_file {data_file}: no such file"
-    else:
-        data_file = tmp_path / "data.csv"
-        data_file.write_text("english,german\none,eins\n", encoding="utf-8")
-        expected = f'error: --train_file {data_file}: no "en" column (columns: english, german)'
+        return data_file, f"--train_file {data_file}: no such file"
+    data_file = tmp_path / "data.csv"
+    data_file.write_text("english,german\none,eins\n", encoding="utf-8")
+    return data_file, f'--train_file {data_file}: no "en" column (columns: english, german)'
 
+
+@pytest.mark.parametrize("case", BAD_DATA_FILES)
+def test_bad_data_files_raise_an_error_naming_the_flag_and_the_file(case, run_translation_module, tmp_path):
+    data_file, expected = bad_data_file(case, tmp_path)
+    with pytest.raises(run_translation_module.InputError) as raised:
+        run_translation_module.load_data_file("--train_file " + str(data_file), str(data_file), ("en", "de"),
+                                              str(tmp_path / "cache"))
+    assert str(raised.value).startswith(expected)
+
+
+def test_bad_input_ends_with_one_error_line(apo_lr_run, hf_home, tmp_path):
+    """The script end to end (one of the cases above: every InputError takes the same way out)."""
+    data_file, expected = bad_data_file("missing_target_key", tmp_path)
     args = ["--model_name_or_path", apo_lr_run, "--source_lang", "en", "--target_lang", "de"]
     args += ["--train_file", data_file, "--do_train", "--output_dir", tmp_path / "out"]
     result = run_script(RUN_TRANSLATION, args, hf_home)
@@ -178,7 +193,7 @@ def test_bad_input_ends_with_one_error_line(case, apo_lr_run, hf_home, tmp_path)
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1
     assert result.stderr.splitlines()[-1] == error_lines[0]
-    assert error_lines[0].startswith(expected)
+    assert error_lines[0].startswith("error: " + expected)
 
 
 # Texts that a reader left to infer types takes for something else: pyarrow's JSON reader types a column of ISO dates

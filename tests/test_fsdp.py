@@ -15,14 +15,11 @@ import sys
 import pytest
 import torch
 
-from helpers_subprocess import environment, result, train
-from test_checkpoint_safety import leaf_types, load_with_default_globals_only
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the benchmarks beside the package
-from benchmarks.fsdp_gpu_check import VARIANTS as GPU_CHECK_VARIANTS  # noqa: E402
+from helpers_subprocess import environment
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_fsdp.py")
 VARIANTS = ("lr", "lr_next", "precond", "precond_adamw", "precond_split")
+RESUMED = ("lr_next", "precond_adamw", "precond_split")
 
 
 def launch(out, parallel, *args, check=True):
@@ -75,74 +72,18 @@ def test_fsdp2_equals_ddp_and_one_process(runs, variant):
 
 
 def test_fsdp2_sigkill_then_resume_continues_the_uninterrupted_run(runs, tmp_path):
-    """Each variant saves every rank's model and optimizer state (sharded) at step 5; the process is SIGKILLed at step
-    8 of the last variant; all three resume from step 5 and must end bitwise equal to the uninterrupted runs."""
-    killed = launch(tmp_path, "fsdp", "--save_at", "5", "--kill_at", "8", check=False)
+    """The variants with the most state (APO-LR's pending look-ahead and D, APO-Precond's factors and AdamW moments)
+    save every rank's model and optimizer state (sharded) at step 5; the process is SIGKILLed at step 8 of the last
+    variant; all of them resume from step 5 and must end bitwise equal to the uninterrupted runs. (APO-LR on the same
+    batch and APO-Precond over SGD resume under the Trainer's FSDP2: tests/test_distributed.py.)"""
+    variants = ",".join(RESUMED)
+    killed = launch(tmp_path, "fsdp", "--variants", variants, "--save_at", "5", "--kill_at", "8", check=False)
     assert killed.returncode != 0
-    assert not os.path.exists(tmp_path / f"{VARIANTS[-1]}_rank0.pt")
-    launch(tmp_path, "fsdp", "--resume")
-    for variant in VARIANTS:
+    assert not os.path.exists(tmp_path / f"{RESUMED[-1]}_rank0.pt")
+    launch(tmp_path, "fsdp", "--variants", variants, "--resume")
+    for variant in RESUMED:
         for rank in (0, 1):
             straight, resumed = load(runs / "fsdp", variant, rank), load(tmp_path, variant, rank)
             assert all(torch.equal(a, b) for a, b in zip(straight["params"], resumed["params"])), variant
             assert all(torch.equal(a, b) for a, b in zip(straight["meta"], resumed["meta"])), variant
             assert resumed["meta_steps"] == straight["meta_steps"]
-
-
-# -- the Trainer's FSDP2 (Accelerate), forced on CPU processes ---------------------------------------------------------
-# Accelerate ignores --fsdp on CPU processes (it trains with multi-CPU DDP); train_tiny.py --force_fsdp_on_cpu lets
-# its FSDP2 act as on GPUs: fully_shard of the model after the optimizer is built, the parameters swapped in it,
-# sharded clipping and checkpoints. The model is a tiny Llama: Accelerate's FSDP2 fails on T5's shared embeddings.
-TRAINER_COMMON = ["--llama", "--max_steps", "8", "--per_device_train_batch_size", "4", "--apo_meta_interval", "2",
-                  "--apo_meta_batch_fraction", "1.0"]
-TRAINER_FSDP2 = ["--force_fsdp_on_cpu", "--fsdp", "full_shard", "--fsdp_config", '{"version": 2}']
-# The same variants as the GPU check, so that it checks on GPUs what these tests check on CPU processes.
-TRAINER_VARIANTS = GPU_CHECK_VARIANTS
-OPT_IN = {"HF_APO_FSDP2": "1"}
-
-
-@pytest.fixture(scope="module", params=list(TRAINER_VARIANTS))
-def trainer_runs(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"trainer_{request.param}")
-    args = [*TRAINER_COMMON, *TRAINER_VARIANTS[request.param]]
-    train(root / "fsdp", *args, *TRAINER_FSDP2, "--save_strategy", "steps", "--save_steps", "4", processes=2,
-          extra_env=OPT_IN)
-    train(root / "ddp", *args, "--save_strategy", "no", processes=2)
-    return request.param, root
-
-
-def test_trainer_fsdp2_equals_ddp(trainer_runs):
-    variant, root = trainer_runs
-    fsdp0, fsdp1, ddp = result(root / "fsdp", 0), result(root / "fsdp", 1), result(root / "ddp", 0)
-    assert all(torch.equal(a, b) for a, b in zip(fsdp0["meta"], fsdp1["meta"]))
-    assert all(torch.equal(a, b) for a, b in zip(fsdp0["params"], fsdp1["params"]))
-    meta_steps = [h["apo/meta_steps"] for h in fsdp0["log_history"] if "apo/meta_steps" in h]
-    assert meta_steps[-1] == (3 if variant == "lr_next" else 4)  # lr_next: the 4th awaits step 9's gradient
-    if variant != "precond":
-        assert float(fsdp0["meta"][0].abs().min()) > 0.3  # φ moved (about meta_lr per meta step)
-    # Measured: parameters equal to 0–2e-8, meta-parameters to 1e-7. A stale gathered unit (Accelerate keeps its
-    # embedding/LM-head unit gathered after a forward) gave 1.6e-4 on φ.
-    assert relative_difference(fsdp0["params"], ddp["params"]) < 1e-5
-    assert relative_difference(fsdp0["meta"], ddp["meta"]) < 1e-5
-
-
-def test_trainer_fsdp2_sigkill_then_resume_is_bitwise_equal(trainer_runs, tmp_path):
-    variant, root = trainer_runs
-    if variant == "lr":
-        pytest.skip("the same Trainer glue as lr_next, whose checkpoint holds more (the pending look-ahead and D)")
-    args = [*TRAINER_COMMON, *TRAINER_VARIANTS[variant], *TRAINER_FSDP2, "--save_strategy", "steps", "--save_steps", "4"]
-    killed = train(tmp_path, *args, "--kill_at_step", "7", processes=2, check=False, extra_env=OPT_IN)
-    assert killed.returncode != 0
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
-    assert {"apo_optimizer_rank0.pt", "apo_optimizer_rank1.pt"} <= set(os.listdir(tmp_path / "checkpoint-4"))
-    for rank in (0, 1):  # plain local shards and data: they load with torch's default weights-only allowlist
-        saved = load_with_default_globals_only(tmp_path / "checkpoint-4" / f"apo_optimizer_rank{rank}.pt")
-        assert leaf_types(saved) <= {torch.Tensor, int, float, bool, str, type(None)}
-        assert saved["process_index"] == rank and saved["world_size"] == 2
-        # APO-LR's AdamW keeps DTensor moments, saved as shards; APO-Precond keeps its momentum as local tensors.
-        assert bool(saved["dtensors"]) == (variant != "precond")
-    train(tmp_path, *args, "--resume_from_checkpoint", tmp_path / "checkpoint-4", processes=2, extra_env=OPT_IN)
-    for rank in (0, 1):
-        straight, resumed = result(root / "fsdp", rank), result(tmp_path, rank)
-        assert all(torch.equal(a, b) for a, b in zip(straight["params"], resumed["params"]))
-        assert all(torch.equal(a, b) for a, b in zip(straight["meta"], resumed["meta"]))

@@ -8,7 +8,9 @@ import torch
 from helpers_subprocess import result, train
 
 
-@pytest.mark.parametrize("apo", ["lr", "lr_next", "precond"])
+# APO-LR on the same batch resumes as APO-Precond does (the meta step needs the B′ of the step before the checkpoint)
+# and holds less than lr_next (the pending look-ahead and D): two variants keep the suite under 10 minutes.
+@pytest.mark.parametrize("apo", ["lr_next", "precond"])
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path, apo):
     interval = "5" if apo == "lr_next" else "3"  # lr_next: checkpoint-5 holds a look-ahead awaiting step 6's gradient
     args = ["--max_steps", "12", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
