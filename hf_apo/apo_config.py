@@ -28,9 +28,8 @@ FSDP2_OPT_IN = "HF_APO_FSDP2"
 def check_apo_fsdp(version: int, xla: bool = False, cpu_offload: bool = False) -> None:
     """Refuse FSDP1, XLA FSDP and CPU offload with --apo; FSDP2 only with the opt-in until it has run on a GPU.
 
-    On the CPU Accelerate ignores --fsdp (it trains as plain multi-CPU DDP), so the Trainer's FSDP2 path is tested
-    there with Accelerate's FSDP2 state forced (tests/test_distributed.py); benchmarks/fsdp_gpu_check.py is the GPU
-    check.
+    On the CPU Accelerate ignores --fsdp (it trains as multi-CPU DDP): tests/test_distributed.py forces its FSDP2
+    state there; benchmarks/fsdp_gpu_check.py is the GPU check.
     """
     if version != 2 or xla:
         raise ValueError(
