@@ -58,8 +58,9 @@ def test_meta_lr_zero_equals_parent_trainer(tmp_path, apo, optim):
     trainer.train()
     learns_size = apo == "lr" or optim.get("optim") == "adamw_torch"  # precond over AdamW: APO-LR over the factors
     assert isinstance(trainer.apo_optimizer, APOLR if learns_size else APOPrecond)
-    if apo == "precond":
-        assert isinstance(trainer.apo_optimizer.inner if learns_size else trainer.apo_optimizer, APOPrecond)
+    if apo == "precond":  # the default size (chosen by the --optim name) and the builder (by the base's type) agree
+        precond = trainer.apo_optimizer.inner if learns_size else trainer.apo_optimizer
+        assert isinstance(precond, APOPrecond) and precond.base == optim["optim"].removesuffix("_torch")
     assert losses(trainer) == losses(parent)
     assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), parent.model.parameters()))
     # The Trainer's weight-decay groups survive the wrapping.
