@@ -457,6 +457,8 @@ def plot(output_dir: Path, summary: dict) -> Path | None:
     if not tasks:
         return None
     figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    names = list(dict.fromkeys(m for e in summary["cells"].values() for m in e))  # one colour a method, every panel
+    colours = dict(zip(names, plt.cm.tab20.colors))
     for axis, task in zip(axes[0], tasks):
         best, value = summary["tuned"][task]
         task_cells = sorted((lr, e) for (t, lr), e in summary["cells"].items() if t == task)
@@ -464,11 +466,13 @@ def plot(output_dir: Path, summary: dict) -> Path | None:
             xs = [lr / best for lr, _ in task_cells]
             ys = [min(e[method] / value, 1e3) for _, e in task_cells]
             style = "-o" if method.startswith("apo_") else "--x"
-            axis.plot(xs, ys, style, label=method, linewidth=2 if method.startswith("apo_") else 1)
+            axis.plot(xs, ys, style, label=method, color=colours[method],
+                      linewidth=2 if method.startswith("apo_") else 1)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set(xscale="log", yscale="log", title=task, xlabel="initial LR / best AdamW-linear LR")
     axes[0][0].set_ylabel("final value / tuned AdamW-linear")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles = {line.get_label(): line for axis in axes[0] for line in axis.get_lines() if line.get_label() in colours}
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(figure, output_dir / "apo_lr_peers.png", dpi=110)
 
 
