@@ -297,11 +297,15 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    for package in ("heavyball", "prodigyopt", "schedulefree", "mechanic_pytorch", "dog", "dadaptation", "sklearn"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    # the peers' distributions (their modules mostly carry no __version__)
+    for package, distribution in (("heavyball", "heavyball"), ("prodigyopt", "prodigyopt"),
+                                  ("schedulefree", "schedulefree"), ("mechanic_pytorch", "mechanic-pytorch"),
+                                  ("dog", "dog-optimizer"), ("dadaptation", "dadaptation"), ("sklearn", "scikit-learn")):
         try:
-            module = __import__(package)
-            info[package] = getattr(module, "__version__", "unknown")
-        except ImportError:
+            info[package] = version(distribution)
+        except PackageNotFoundError:
             info[package] = None
     try:
         info["git_commit"] = subprocess.run(
