@@ -411,8 +411,8 @@ def markdown(summary: dict, quick: bool) -> str:
     if summary.get("mean_ranks_all_cells"):
         finalists_and_peers = summary["mean_ranks_all_cells"]
         full = sum(1 for e in table.values() if all(m in e for m in finalists_and_peers))
-        lines += [f"The finalists, the peers and AdamW-linear at the initial LR over all {full} cells where all of them "
-                  "ran (the issue's target: the best mean rank of all methods):", "", markdown_table(
+        lines += [f"The finalists, the peers and AdamW-linear at the initial LR over all {full} cells where all of "
+                  "them ran (the issue's target: the best mean rank of all methods):", "", markdown_table(
                       ["method", "mean rank"], [[m, f"{r:.2f}"] for m, r in sorted(finalists_and_peers.items(),
                                                                                  key=lambda x: x[1])]), ""]
     for task in SCENARIOS:

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -297,12 +298,11 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    from importlib.metadata import PackageNotFoundError, version
-
     # the peers' distributions (their modules mostly carry no __version__)
     for package, distribution in (("heavyball", "heavyball"), ("prodigyopt", "prodigyopt"),
                                   ("schedulefree", "schedulefree"), ("mechanic_pytorch", "mechanic-pytorch"),
-                                  ("dog", "dog-optimizer"), ("dadaptation", "dadaptation"), ("sklearn", "scikit-learn")):
+                                  ("dog", "dog-optimizer"), ("dadaptation", "dadaptation"),
+                                  ("sklearn", "scikit-learn")):
         try:
             info[package] = version(distribution)
         except PackageNotFoundError:

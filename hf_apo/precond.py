@@ -75,7 +75,8 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         betas: tuple[float, float] | None = None, eps: float | None = None, amsgrad: bool = False,
         meta_interval: int = META_INTERVAL, meta_lr: float = META_LR["precond"], meta_batch_fraction: float = 0.25,
         max_factor_dim: int = 1024, diagonal_row_params=(), meta_betas: tuple[float, float] = (0.9, 0.999),
-        lookahead_steps: int = 1, spectral_meta_step: bool = True, stochastic_rounding: bool = True, shape_only: bool = False,
+        lookahead_steps: int = 1, spectral_meta_step: bool = True, stochastic_rounding: bool = True,
+        shape_only: bool = False,
     ):
         _check_args(base, lr, momentum, weight_decay, max_factor_dim, lookahead_steps, amsgrad)
         if base == "sgd":

@@ -20,16 +20,12 @@ from helpers_subprocess import result, train
 from test_checkpoint_safety import leaf_types, load_with_default_globals_only
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the benchmarks beside the package
-from benchmarks.fsdp_gpu_check import VARIANTS  # noqa: E402
+from benchmarks.fsdp_gpu_check import VARIANTS, relative_difference  # noqa: E402
 
 COMMON = ["--llama", "--max_steps", "8", "--per_device_train_batch_size", "4", "--apo_meta_interval", "2",
           "--apo_meta_batch_fraction", "1.0"]
 FSDP2 = ["--force_fsdp_on_cpu", "--fsdp", "full_shard", "--fsdp_config", '{"version": 2}']
 OPT_IN = {"HF_APO_FSDP2": "1"}
-
-
-def relative_difference(a, b):
-    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
 
 
 def meta_steps(run):
