@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .distributed import Layout
+from .distributed import Layout, local_tensor
 from .batches import Batch, batch_size_of, move_batch, slice_batch
 from .objective import ProximalObjective
 
@@ -46,6 +46,31 @@ def _validate_meta_args(meta_interval: int, meta_lr: float, meta_batch_fraction:
         raise ValueError(f"meta_batch_fraction must be in (0, 1], got {meta_batch_fraction!r}.")
     if len(meta_betas) != 2 or not all(0 <= b < 1 for b in meta_betas):
         raise ValueError(f"meta_betas must be two numbers in [0, 1), got {meta_betas!r}.")
+
+
+def default_objective(objective: ProximalObjective | None, model, mode: str) -> ProximalObjective | None:
+    """``objective``, or given ``model`` instead, ``--apo {mode}``'s default objective for it
+    (:meth:`ProximalObjective.for_apo`, from hf_apo.defaults)."""
+    if model is None:
+        return objective
+    if objective is not None:
+        raise ValueError("Pass objective= or model= (for --apo's default objective), not both.")
+    return ProximalObjective.for_apo(model, mode)
+
+
+def tensor_nbytes(obj: Any, seen: set) -> int:
+    """Bytes of the tensors in ``obj`` (nested mappings, lists, tuples), each counted once over ``seen``."""
+    if isinstance(obj, torch.Tensor):
+        key = (obj.data_ptr(), obj.numel(), obj.dtype)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_nbytes(item, seen) for item in obj)
+    return 0
 
 
 class MetaLearnedOptimizer(torch.optim.Optimizer):
@@ -96,6 +121,10 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
     def all_params(self) -> list[torch.Tensor]:
         """Every parameter, group after group (sharded: the parameters Accelerate put in place after building)."""
         return [p for group in self.param_groups for p in group["params"]]
+
+    def local_params(self) -> list[torch.Tensor]:
+        """:meth:`all_params`, or when sharded this rank's shards of them (views, which follow the steps)."""
+        return [local_tensor(p) for p in self.all_params()]
 
     @property
     def layout(self) -> Layout:
@@ -175,6 +204,17 @@ class MetaLearnedOptimizer(torch.optim.Optimizer):
         self.last_meta_objective = float(state["last_meta_objective"])
         self._current_batch = state.get("last_batch")
         self._previous_batch = None
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes held between steps, each tensor counted once: ``"state"``, the base optimizer's state (moments,
+        momentum buffers); ``"meta"``, what APO adds (the meta-parameters and their meta-optimizer's state, cached
+        factors, D and a pending meta-gradient, the batches kept for the next meta step)."""
+        seen: set = set()
+        return {"state": tensor_nbytes(self.state, seen), "meta": tensor_nbytes(self._meta_tensors(), seen)}
+
+    def _meta_tensors(self) -> list:
+        """What APO keeps between steps beyond the base optimizer's state (subclasses add their own)."""
+        return [self._current_batch, self._previous_batch]
 
     def metrics(self) -> dict[str, float]:
         """Scalars for the training log, under keys that start with ``apo/``."""

@@ -1,4 +1,5 @@
-"""APO-LR's meta step on φ = log(multiplier), given its meta-gradient (:mod:`hf_apo.lr`).
+"""APO-LR's φ = log(multiplier) and its meta step, given its meta-gradient (:mod:`hf_apo.lr`): :class:`LogLR` owns φ,
+its meta-optimizer and clamp, :class:`Cadence` when the next look-ahead is due, :class:`WarmupWatch` the warm-up rule.
 
 The meta step on φ (``meta_optimizer``). ``"adam"``: Adam at ``meta_lr``, so φ moves about ``meta_lr`` per meta step
 whatever the meta-gradient's size, and a c× correction of the LR takes ln(c)/meta_lr meta steps. ``"rprop"``:
@@ -73,46 +74,93 @@ class Cadence:
         return cls(**state) if state else cls()
 
 
-class PhiMetaStep:
-    """The part of :class:`~hf_apo.lr.APOLR` that applies a meta-gradient to φ (a mixin: it reads the optimizer's
-    groups, φ and its meta-optimizer)."""
+class LogLR:
+    """φ: one float32 log-multiplier of the learning rate per parameter group (η = group["lr"] · exp(φ)), with its
+    meta-optimizer (``"adam"`` or ``"rprop"``) and its clamp, a numerical guard. It lives on the CPU whatever the
+    parameters' device and dtype."""
 
-    def _scheduled_lr_rises(self) -> bool:
-        """Whether the scheduler raised group["lr"] since the previous step (a warm-up); remembers this step's LRs.
+    def __init__(self, groups: int, meta_lr: float, betas, kind: str = "adam", max_step: float = 1.0,
+                 log_lr_range: tuple[float, float] = (-10.0, 10.0)):
+        self.range = check_meta_step_args(kind, max_step, log_lr_range)
+        self.kind = kind
+        self.max_step = float(max_step)
+        self.log_lr = torch.zeros(groups, dtype=torch.float32)
+        self.meta_optimizer = build_meta_optimizer(kind, self.log_lr, meta_lr, betas, self.max_step)
 
-        A warm-up is the user's statement that the first steps must be small; a meta-gradient measured during it
-        says "larger" at every meta step and would undo it. Measured on the translation example (warm-up 50 steps,
-        lr 2e-3): with increases allowed, the multiplier reached 1.9 by step 75 and the model stalled on a plateau
-        (eval loss 0.78 against 0.003). Decreases stay allowed: a too-large LR must come down during the warm-up.
-        """
-        scheduled = [float(group["lr"]) for group in self.param_groups]  # a copy: torchao's LR is a tensor, filled
-        if self._previous_scheduled_lrs is None:
-            # torch schedulers keep group["initial_lr"]: a schedule that starts below it starts with a warm-up
-            rises = any(now < float(group.get("initial_lr", now)) for now, group in zip(scheduled, self.param_groups))
-        else:
-            rises = any(now > before for now, before in zip(scheduled, self._previous_scheduled_lrs))
-        self._previous_scheduled_lrs = scheduled
-        return rises
+    def multipliers(self) -> list[float]:
+        """exp(φ) per group."""
+        return [math.exp(x) for x in self.log_lr.tolist()]
 
-    def _apply_meta_gradient(self, meta_grad: torch.Tensor, objective: torch.Tensor) -> list[float] | None:
-        """Reduce over ranks, guard, a meta step on φ and the clamp; the change of φ per group (None: skipped).
-
-        During a warm-up only the parts of the meta-gradient that lower φ (positive ones) are applied, and φ does not
-        rise. Then the cadence: the next look-ahead follows at once while φ keeps moving one way."""
-        self.last_meta_gradient = meta_grad.detach().cpu()
-        if not self._reduce_and_check(meta_grad, objective):
-            self._cadence.schedule(moving=False, interval=self.meta_interval)
-            return None
+    def step(self, meta_grad: torch.Tensor, only_lower: bool = False) -> tuple[list[float], list[float]]:
+        """One step of the meta-optimizer on φ from ∂Q/∂φ per group, then the clamp; the change of φ per group and
+        the sign of the gradient applied. ``only_lower`` (a warm-up): the parts that raise φ (negative ones) are
+        dropped and φ does not rise."""
         grad = meta_grad.to(device="cpu", dtype=self.log_lr.dtype)
-        if self._warming_up:
-            grad = grad.clamp(min=0.0)  # a negative meta-gradient raises the LR: held while the schedule warms up
+        if only_lower:
+            grad = grad.clamp(min=0.0)
         previous = self.log_lr.clone()
         self.log_lr.grad = grad
         self.meta_optimizer.step()
         self.log_lr.grad = None
-        if self._warming_up:
+        if only_lower:
             torch.minimum(self.log_lr, previous, out=self.log_lr)
-        self.log_lr.clamp_(*self.log_lr_range)
-        self._multipliers = [math.exp(x) for x in self.log_lr.tolist()]
-        self._cadence.record(torch.sign(grad).tolist(), interval=self.meta_interval)
-        return (self.log_lr - previous).tolist()
+        self.log_lr.clamp_(*self.range)
+        return (self.log_lr - previous).tolist(), torch.sign(grad).tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_lr": self.log_lr.clone(), "meta_optimizer": self.meta_optimizer.state_dict(),
+                "meta_optimizer_kind": self.kind}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_kind = state.get("meta_optimizer_kind", "adam")
+        if saved_kind != self.kind:
+            raise ValueError(
+                f"This checkpoint's APO-LR meta-optimizer is {saved_kind!r}, this run's is {self.kind!r}: resume with "
+                f"--apo_meta_optimizer {saved_kind} (APOLR(meta_optimizer={saved_kind!r})), or start a new run to "
+                "change it."
+            )
+        # φ lives on the CPU in float32 whatever device the checkpoint was mapped to.
+        self.log_lr.copy_(state["log_lr"].to(device="cpu", dtype=torch.float32))
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+
+    def nbytes(self) -> int:
+        """Bytes of φ and of its meta-optimizer's state."""
+        tensors = [self.log_lr, *(t for s in self.meta_optimizer.state.values() for t in s.values()
+                                  if isinstance(t, torch.Tensor))]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class WarmupWatch:
+    """Whether the scheduler raised group["lr"] since the previous step (a warm-up).
+
+    A warm-up is the user's statement that the first steps must be small; a meta-gradient measured during it says
+    "larger" at every meta step and would undo it, so while the scheduled LR rises the meta step only lowers φ
+    (a too-large LR must still come down during the warm-up). Before the first step, a schedule that starts below
+    group["initial_lr"] (torch schedulers keep it) starts with a warm-up.
+    """
+
+    def __init__(self):
+        self.previous_lrs: list[float] | None = None  # group["lr"] at the previous step
+
+    def rises(self, param_groups) -> bool:
+        """Whether the scheduled LR rose at this step; remembers this step's LRs."""
+        scheduled = [float(group["lr"]) for group in param_groups]  # a copy: torchao's LR is a tensor, filled
+        if self.previous_lrs is None:
+            rises = any(now < float(group.get("initial_lr", now)) for now, group in zip(scheduled, param_groups))
+        else:
+            rises = any(now > before for now, before in zip(scheduled, self.previous_lrs))
+        self.previous_lrs = scheduled
+        return rises
+
+
+def check_meta_step_args(meta_optimizer: str, max_meta_step: float, log_lr_range) -> tuple[float, float]:
+    """ValueError on an unknown meta-optimizer, a too-small ``max_meta_step`` or a clamp that excludes φ = 0; the
+    clamp as floats."""
+    if meta_optimizer not in META_OPTIMIZERS:
+        raise ValueError(f"meta_optimizer must be one of {', '.join(META_OPTIMIZERS)}, got {meta_optimizer!r}.")
+    if not max_meta_step >= RPROP_MIN_STEP:
+        raise ValueError(f"max_meta_step must be >= {RPROP_MIN_STEP}, got {max_meta_step!r}.")
+    low, high = (float(x) for x in log_lr_range)
+    if not low <= 0 <= high:
+        raise ValueError(f"log_lr_range must satisfy low <= 0 <= high, got {log_lr_range!r}.")
+    return low, high

@@ -37,7 +37,7 @@ def test_rprop_step_grows_while_the_sign_holds_and_halves_without_a_move_when_it
     _, optimizer = quadratic(1e-3, meta_lr=0.1, meta_optimizer="rprop")
     changes = []
     for meta_grad in [-1.0, -2.0, -0.5, 3.0, 1.0, 1.0]:
-        changes.append(optimizer._apply_meta_gradient(torch.tensor([meta_grad]), torch.tensor(0.0))[0])
+        changes.append(optimizer.meta_step(torch.tensor([meta_grad]), torch.tensor(0.0))[0])
     grow, shrink = RPROP_ETAS[1], RPROP_ETAS[0]
     s = [0.1, 0.1 * grow, 0.1 * grow**2]
     expected = [s[0], s[1], s[2], 0.0, -s[2] * shrink, -s[2] * shrink * grow]  # a negative meta-gradient raises φ
@@ -65,10 +65,10 @@ def test_rprop_corrects_a_100x_too_small_learning_rate_in_a_few_meta_steps():
 def test_rprop_step_sizes_are_bounded(max_meta_step):
     _, optimizer = quadratic(1e-3, meta_lr=0.1, meta_optimizer="rprop", log_lr_range=(-100.0, 100.0),
                              max_meta_step=max_meta_step)
-    changes = [optimizer._apply_meta_gradient(torch.tensor([-1.0]), torch.tensor(0.0))[0] for _ in range(40)]
+    changes = [optimizer.meta_step(torch.tensor([-1.0]), torch.tensor(0.0))[0] for _ in range(40)]
     assert max(changes) == pytest.approx(max_meta_step)
     for i in range(40):  # alternating signs: every other step a flip, the size falls to its floor
-        optimizer._apply_meta_gradient(torch.tensor([(1.0, -1.0)[i % 2]]), torch.tensor(0.0))
+        optimizer.meta_step(torch.tensor([(1.0, -1.0)[i % 2]]), torch.tensor(0.0))
     state = optimizer.meta_optimizer.state[optimizer.log_lr]
     assert float(state["step_size"]) == pytest.approx(RPROP_MIN_STEP)
 
@@ -87,13 +87,13 @@ def test_adaptive_interval_looks_ahead_every_step_while_moving_and_every_k_after
     theta, optimizer = quadratic(0.3, meta_lr=0.5, meta_interval=interval, adaptive_interval=True,
                                  meta_optimizer=meta_optimizer)
     lookaheads, signs = [], []
-    original = optimizer._lookahead
+    original = optimizer._take_lookahead
 
     def recording(score_loss):
         lookaheads.append(optimizer.step_count)
         return original(score_loss)
 
-    optimizer._lookahead = recording
+    optimizer._take_lookahead = recording
     seen = [0]
 
     def note():

@@ -129,7 +129,7 @@ def test_state_dict_round_trip_with_a_pending_lookahead_continues_bitwise(lambda
     first_model = tiny_t5()
     first = build(first_model)
     run(first_model, first, batches[:9])  # step 9 was a look-ahead (9 % K == 0): it awaits step 10's gradient
-    assert first._pending is not None
+    assert first.pending is not None
     state = round_trip(first.state_dict())
 
     resumed_model = tiny_t5()
@@ -193,9 +193,9 @@ def test_horizon_with_bf16_weights_keeps_a_float32_displacement():
         model.zero_grad()
         model(**batch)["loss"].backward()
         optimizer.step()
-    assert all(d.dtype == torch.float32 for d in optimizer._displacement)
+    assert all(d.dtype == torch.float32 for d in optimizer.displacement.tensors)
     assert optimizer.meta_steps == 4 and optimizer.log_lr.dtype == torch.float32
-    assert all(torch.isfinite(d).all() for d in optimizer._displacement)
+    assert all(torch.isfinite(d).all() for d in optimizer.displacement.tensors)
 
 
 @pytest.mark.parametrize("loss_batch", ["same", "next"])

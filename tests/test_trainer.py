@@ -363,8 +363,8 @@ def test_the_plain_pytorch_defaults_are_the_trainers(tmp_path, apo, optim):
     plain = cls(model.parameters(), objective, lr=1e-3, **({"base": "adamw"} if apo == "precond" else {}))
     assert (plain.meta_lr, plain.meta_interval) == (built.meta_lr, built.meta_interval)
     if apo == "lr":
-        assert (plain.meta_optimizer_kind, plain.adaptive_interval, plain.max_meta_step) == (
-            built.meta_optimizer_kind, built.adaptive_interval, built.max_meta_step)
+        assert (plain.phi.kind, plain.adaptive_interval, plain.phi.max_step) == (
+            built.phi.kind, built.adaptive_interval, built.phi.max_step)
         over = APOLR.default_over(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
         assert [getattr(over.objective, f) for f in fields] == [getattr(built.objective, f) for f in fields]
         assert (over.meta_lr, over.meta_interval) == (built.meta_lr, built.meta_interval)
