@@ -41,3 +41,32 @@ def stochastic_add_(target: torch.Tensor, update: torch.Tensor, alpha: float, ge
     noise = torch.randint(0, 1 << 16, exact.shape, dtype=torch.int32, device=exact.device,
                           generator=generator)
     target.copy_(exact.view(torch.int32).add_(noise).bitwise_and_(-65536).view(torch.float32))
+
+
+class StochasticRounding:
+    """Unbiased rounding of bf16 parameters' updates when ``enabled``, with one generator per device (seeded 0, saved
+    in the state dict: every rank rounds alike and a resumed run continues the same stream)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = bool(enabled)
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def applies(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s update is formed in float32 and rounded stochastically (bf16 only)."""
+        return self.enabled and param.dtype == torch.bfloat16
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(0)
+        return self.generators[device]
+
+    def add_(self, target: torch.Tensor, update: torch.Tensor, alpha: float, decay: float = 1.0) -> None:
+        """target ← SR(decay · target + alpha · update) for a bf16 ``target`` (:func:`stochastic_add_`)."""
+        stochastic_add_(target, update, alpha, self.generator(target.device), decay=decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {str(device): generator.get_state() for device, generator in self.generators.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for device, generator_state in state.items():
+            self.generator(torch.device(device)).set_state(generator_state)

@@ -11,8 +11,8 @@ momentum buffers, are this rank's shards: sharded equals DDP and one process to 
 precond_adamw variant of the 2-process tests).
 
 The look-ahead writes θ′ into the parameters in place and restores θ from a copy afterwards (one extra copy of the
-parameters, on meta steps only); the momentum buffers and Adam moments are not touched by it.
-
+parameters, on meta steps only); the momentum buffers and Adam moments are not touched by it. The profiler regions
+``apo/meta_step`` and ``apo/base_step`` mark the meta step and the base rule's step.
 """
 
 from __future__ import annotations
@@ -21,24 +21,28 @@ from typing import Any
 
 import torch
 
+from torch.profiler import record_function
+
 from .defaults import META_INTERVAL, META_LR
 from .distributed import local_tensor
 from .factors import FactorAdam, KroneckerFactors
-from .meta import MetaLearnedOptimizer
+from .meta import MetaLearnedOptimizer, default_objective
 from .objective import ProximalObjective
-from .precision import no_autocast, stochastic_add_
-from .precond_adamw import AdamWBase, adamw_defaults, check_objective, validate_group
-from .precond_sgd import SGDBase, sgd_defaults
+from .precision import StochasticRounding, no_autocast
+from .precond_adamw import AdamWRule, adamw_defaults, adamw_groups, check_objective
+from .precond_sgd import SGDRule, sgd_defaults, sgd_groups
 
 BASES = ("sgd", "adamw")
 
 
-class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
+class APOPrecond(MetaLearnedOptimizer):
     """Preconditioner APO around SGD or AdamW.
 
     Args:
         params: parameters or parameter groups (tied weights appear once, as in ``named_parameters()``).
-        objective: the proximal meta-objective; required when ``meta_lr > 0``.
+        objective: the proximal meta-objective; required when ``meta_lr > 0`` unless ``model`` is given.
+        model: instead of ``objective``: ``--apo precond``'s default objective for this model
+            (:meth:`ProximalObjective.for_apo`: the paper's, hf_apo.defaults).
         base: ``"sgd"`` (the default: P(g) through SGD's momentum) or ``"adamw"`` (P applied to AdamW's m̂/(√v̂+ε),
             decoupled weight decay outside P); see the module docstring. :meth:`from_sgd` and :meth:`from_adamw`
             take the hyperparameters of an existing torch optimizer.
@@ -49,8 +53,7 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         amsgrad: not supported (True is refused); accepted so that the error says so.
         meta_interval: a meta step every this many optimizer steps.
         meta_lr: learning rate of the meta-optimizer on the factors (0 turns meta-learning off): about how far a
-            dense factor's spectrum, or a diagonal entry, moves per meta step. 0.01 won the rule of
-            benchmarks/apo_precond_compare.py (benchmarks/results/apo_precond_compare.md).
+            dense factor's spectrum, or a diagonal entry, moves per meta step (docs/benchmarks.md: why 0.01).
         meta_batch_fraction: the meta batch B′ is this fraction of the previously observed batch.
         max_factor_dim: a side longer than this (or than the weight's other side) gets a diagonal factor.
         diagonal_row_params: parameters whose rows index a vocabulary (input embeddings, LM heads): their row side
@@ -70,7 +73,7 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
     """
 
     def __init__(
-        self, params, objective: ProximalObjective | None = None, *, base: str = "sgd", lr: float = 1e-2,
+        self, params, objective: ProximalObjective | None = None, *, model=None, base: str = "sgd", lr: float = 1e-2,
         momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
         betas: tuple[float, float] | None = None, eps: float | None = None, amsgrad: bool = False,
         meta_interval: int = META_INTERVAL, meta_lr: float = META_LR["precond"], meta_batch_fraction: float = 0.25,
@@ -83,23 +86,42 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
             defaults = sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, betas, eps)
         else:
             defaults = adamw_defaults(lr, betas, eps, weight_decay, momentum, dampening, nesterov, lookahead_steps)
-        self.base = base
         super().__init__(params, defaults)
+        self.rounding = StochasticRounding(stochastic_rounding)
+        groups = len(self.param_groups)
+        self.rule = SGDRule(lookahead_steps, self.rounding, groups) if base == "sgd" else AdamWRule(self.rounding, groups)
         for group in self.param_groups:
-            validate_group(group, base)
+            self.rule.validate_group(group)
+        objective = default_objective(objective, model, "precond")
         check_objective(objective, base)
         self._init_meta(objective, meta_interval, meta_lr, meta_batch_fraction, meta_betas)
         self.max_factor_dim = max_factor_dim
         self.lookahead_steps = lookahead_steps
         self.spectral_meta_step = spectral_meta_step
-        self.stochastic_rounding = stochastic_rounding
         self.shape_only = bool(shape_only)
-        self._last_step_lrs: list[float | None] = [None] * len(self.param_groups)  # η of each group's last step
-        self._rounding_generators: dict[torch.device, torch.Generator] = {}
         vocabulary = {id(p) for p in diagonal_row_params}
         self._diagonal_rows = [id(p) in vocabulary for p in self.all_params()]
         self._build_factors()
         self._initialized = True
+
+    @classmethod
+    def from_sgd(cls, sgd: torch.optim.SGD, objective: ProximalObjective | None = None, **meta_kwargs: Any):
+        """APO-Precond over the parameter groups and hyperparameters of an existing ``torch.optim.SGD``."""
+        return cls(sgd_groups(sgd), objective, **meta_kwargs)
+
+    @classmethod
+    def from_adamw(cls, adamw: torch.optim.AdamW, objective: ProximalObjective | None = None, **meta_kwargs: Any):
+        """APO-Precond over the parameter groups and hyperparameters (lr, betas, eps, weight_decay, per group) of an
+        existing ``torch.optim.AdamW``; ``meta_kwargs`` are the APO arguments (``meta_lr``, ``meta_interval``, ...).
+
+        Refuses another optimizer class (``torch.optim.Adam`` included: its weight decay is not decoupled by default),
+        ``amsgrad=True`` and ``maximize=True``. AdamW's state (moments), if it has taken steps, is not copied: load its
+        ``state_dict()`` into the new optimizer for that. ``foreach`` / ``fused`` are not carried over: APO-Precond's
+        step is torch's single-tensor one (:mod:`hf_apo.precond_adamw`).
+        """
+        return cls(adamw_groups(adamw, meta_kwargs), objective, base="adamw", **meta_kwargs)
+
+    base = property(lambda self: self.rule.name, doc='``"sgd"`` or ``"adamw"``: the rule\'s name.')
 
     def _build_factors(self) -> None:
         """Identity factors for the parameters in ``param_groups`` (in order) and a fresh meta-optimizer."""
@@ -130,38 +152,16 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         self._build_factors()
 
     def _update(self) -> None:
+        """The meta step when due (it leaves θ and the base's state as they were), then the base rule's step."""
         self._follow_replaced_params()
         if self._meta_step_due():
-            self.meta_update() if self.objective.loss_batch == "same" else self.next_batch_meta_update()
-        if self.base == "adamw":
-            self._adamw_update()
-            return
-        for group in self.param_groups:
-            params = self._params_with_grad(group)
-            if not params:
-                continue
-            with no_autocast(params[0]):
-                preconditioned = [self.factors[p].precondition(local_tensor(p.grad)) for p in params]
-            directions = self._direction(group, params, preconditioned, update_buffers=True)
-            targets = [local_tensor(p) for p in params]
-            if self.stochastic_rounding and any(t.dtype == torch.bfloat16 for t in targets):
-                for target, direction in zip(targets, directions):
-                    if target.dtype == torch.bfloat16:
-                        self._stochastic_add_(target, direction, -group["lr"])
-                    else:
-                        target.add_(direction, alpha=-group["lr"])
-            else:
-                torch._foreach_add_(targets, directions, alpha=-group["lr"])
-
-    def _rounding_generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._rounding_generators:
-            self._rounding_generators[device] = torch.Generator(device=device).manual_seed(0)
-        return self._rounding_generators[device]
-
-    def _stochastic_add_(self, target: torch.Tensor, update: torch.Tensor, alpha: float, decay: float = 1.0) -> None:
-        """target ← SR(decay · target + alpha · update) for a bf16 ``target`` (:func:`~hf_apo.precision.stochastic_add_`),
-        with this optimizer's generator on the target's device."""
-        stochastic_add_(target, update, alpha, self._rounding_generator(target.device), decay=decay)
+            with record_function("apo/meta_step"):
+                self.meta_step()
+        with record_function("apo/base_step"):
+            for index, group in enumerate(self.param_groups):
+                params = self._params_with_grad(group)
+                if params:
+                    self.rule.step_(index, group, params, self.state, self.factors)
 
     # -- the meta step --------------------------------------------------------------------------------------
     def _lookahead_(self, groups) -> list[float]:
@@ -170,8 +170,7 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         scales = []
         for group, group_params in groups:
             if group_params:
-                lookahead = self._adamw_lookahead_ if self.base == "adamw" else self._sgd_lookahead_
-                scales.extend(lookahead(group, group_params))
+                scales.extend(self.rule.lookahead_(group, group_params, self.state, self.factors))
         return scales
 
     def _factor_vjps(self, params, param_group, lookahead_grads, scales, theta):
@@ -190,23 +189,29 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
                     proximity = proximity + 0.5 * wsd * delta.pow(2).sum().to(torch.float64)
                 local.copy_(theta[index])
                 theta[index] = None
-                meta_grads.extend(factors.vjp(self._preconditioned_input(p, param_group[index]), u.mul_(scale)))
+                meta_grads.extend(factors.vjp(self.rule.preconditioned_input(p, param_group[index], self.state),
+                                               u.mul_(scale)))
         return meta_grads, proximity
 
-    def _preconditioned_input(self, p, group) -> torch.Tensor:
-        """What P acts on: SGD's gradient, or AdamW's m / denom (recomputed: cheap, element-wise, not kept)."""
-        if self.base != "adamw":
-            return local_tensor(p.grad)
-        exp_avg, denom, _ = self._adam_moments(p, group, write=False)
-        return self._adam_input(p, exp_avg, denom)
-
     @torch.no_grad()
-    def meta_update(self) -> bool:
-        """One meta step on the observed batches: update φ, leave θ and the momentum buffers / Adam moments as they
-        were.
+    def meta_step(self) -> bool:
+        """One meta step on the factors φ, leaving θ and the momentum buffers / Adam moments as they were: with the
+        same-batch objective from a look-ahead on the observed batches, with the next-batch one (AdamW) from the
+        gradient in ``.grad`` (:meth:`~hf_apo.precond_adamw.AdamWRule.next_batch_meta_gradients`; the loss is not
+        evaluated, the Trainer logs it). Returns False when skipped (Q or its gradient not finite, or nothing to
+        score yet)."""
+        if self.objective.loss_batch == "same":
+            return self._lookahead_meta_step()
+        params, meta_grads = self.rule.next_batch_meta_gradients(self.param_groups, self.state, self.factors)
+        if not params:
+            return False
+        zero = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        stepped = self._step_factors(params, meta_grads, zero, zero)
+        self.last_meta_objective = float("nan")
+        return stepped
 
-        Returns False when the step was skipped because Q or its gradient was not finite.
-        """
+    def _lookahead_meta_step(self) -> bool:
+        """The same-batch meta step: θ′ = θ + Δ(φ) in place, v at θ′, the factors' VJPs, θ restored, the step."""
         batch, meta_batch = self._meta_batches()
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
         params = [p for _, group_params in groups for p in group_params]
@@ -278,8 +283,8 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
             "factors": [[t.detach().clone() for t in f.tensors] for f in self.factors.values()],
             "factor_is_identity": [f.is_identity for f in self.factors.values()],
             "meta_optimizer": self.meta_optimizer.state_dict(),
-            "rounding_generators": {str(d): g.get_state() for d, g in self._rounding_generators.items()},
-            "last_step_lrs": list(self._last_step_lrs),
+            "rounding_generators": self.rounding.state_dict(),
+            "last_step_lrs": list(self.rule.last_step_lrs),
         }
         return state
 
@@ -288,7 +293,7 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         apo = state_dict.pop("apo", None)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            validate_group(group, self.base)  # e.g. a torch.optim.AdamW state with amsgrad=True
+            self.rule.validate_group(group)  # e.g. a torch.optim.AdamW state with amsgrad=True
         if apo is None:
             return
         self._follow_replaced_params()  # a resumed Trainer run loads after Accelerate's prepare (sharded)
@@ -299,9 +304,8 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
             if not is_identity:
                 factors.refresh()
         self.meta_optimizer.load_state_dict(apo["meta_optimizer"])
-        self._last_step_lrs = list(apo.get("last_step_lrs", [None] * len(self.param_groups)))
-        for device, generator_state in apo.get("rounding_generators", {}).items():
-            self._rounding_generator(torch.device(device)).set_state(generator_state)
+        self.rule.last_step_lrs = list(apo.get("last_step_lrs", [None] * len(self.param_groups)))
+        self.rounding.load_state_dict(apo.get("rounding_generators", {}))
 
     def metrics(self) -> dict[str, float]:
         metrics = super().metrics()
@@ -319,6 +323,10 @@ class APOPrecond(SGDBase, AdamWBase, MetaLearnedOptimizer):
         if scale:
             metrics["apo/scale_mean"] = sum(scale) / len(scale)
         return metrics
+
+    def _meta_tensors(self) -> list:
+        factors = [[f.tensors, f._cache] for f in self.factors.values()]
+        return [*super()._meta_tensors(), factors, self.meta_optimizer.state]
 
     def factor_numel(self) -> int:
         """Number of meta-parameters (factor entries); the meta-optimizer keeps two more per entry."""

@@ -1,5 +1,6 @@
-"""APO-Precond's AdamW base (``base="adamw"``): P_φ applied to AdamW's direction, torch's own ops where the factors
-are the identity, and the meta-gradients through it (the look-ahead's, and the next batch's).
+"""APO-Precond's AdamW base (``base="adamw"``) as a rule object, :class:`AdamWRule`: P_φ applied to AdamW's
+direction, torch's own ops where the factors are the identity, and the meta-gradients through it (the look-ahead's,
+and the next batch's).
 
 AdamW (``base="adamw"``). Per group (lr η, betas β₁ β₂, eps ε, weight decay ω), with torch.optim.AdamW's moments of
 the raw gradient g (step t, starting at 1):
@@ -43,56 +44,45 @@ import torch
 
 from .distributed import local_tensor
 from .objective import ProximalObjective
-from .precision import no_autocast
+from .precision import StochasticRounding, no_autocast
 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
-class AdamWBase:
-    """The AdamW part of :class:`~hf_apo.precond.APOPrecond` (a mixin: it reads the optimizer's groups, state and
-    factors)."""
+class AdamWRule:
+    """The AdamW base of :class:`~hf_apo.precond.APOPrecond`, chosen once at construction; its methods take the
+    optimizer's per-parameter ``state`` (torch.optim.AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``) and ``factors``."""
 
-    @classmethod
-    def from_adamw(cls, adamw: torch.optim.AdamW, objective: ProximalObjective | None = None, **meta_kwargs: Any):
-        """APO-Precond over the parameter groups and hyperparameters (lr, betas, eps, weight_decay, per group) of an
-        existing ``torch.optim.AdamW``; ``meta_kwargs`` are the APO arguments (``meta_lr``, ``meta_interval``, ...).
+    name = "adamw"
 
-        Refuses another optimizer class (``torch.optim.Adam`` included: its weight decay is not decoupled by default),
-        ``amsgrad=True`` and ``maximize=True``. AdamW's state (moments), if it has taken steps, is not copied: load its
-        ``state_dict()`` into the new optimizer for that. ``foreach`` / ``fused`` are not carried over: APO-Precond's
-        step is torch's single-tensor one (see the module docstring).
-        """
-        if not isinstance(adamw, torch.optim.AdamW):
-            raise ValueError(
-                f"APOPrecond.from_adamw needs a torch.optim.AdamW; got {type(adamw).__name__}. Use from_sgd for "
-                "torch.optim.SGD."
-            )
-        if meta_kwargs.get("base", "adamw") != "adamw":
-            raise ValueError(f"APOPrecond.from_adamw builds base='adamw', got base={meta_kwargs['base']!r}.")
-        meta_kwargs.pop("base", None)
-        if any(group.get("amsgrad") for group in adamw.param_groups):
-            raise ValueError("APO-Precond does not support AdamW's amsgrad=True; build the AdamW with amsgrad=False.")
-        if any(group.get("maximize") for group in adamw.param_groups):
-            raise ValueError("APO-Precond does not support maximize=True.")
-        groups = [
-            {"params": group["params"], **{k: _scalar(group[k]) if k != "betas" else tuple(map(_scalar, group[k]))
-                                           for k in ADAMW_KEYS}}
-            for group in adamw.param_groups
-        ]
-        return cls(groups, objective, base="adamw", **meta_kwargs)
+    def __init__(self, rounding: StochasticRounding, groups: int):
+        self.rounding = rounding
+        self.last_step_lrs: list[float | None] = [None] * groups  # η of each group's last step (a multiplier included)
 
-    def _wide(self, param: torch.Tensor) -> bool:
-        """Whether this parameter's AdamW step is formed in float32 and stochastically rounded (bf16 only)."""
-        return self.stochastic_rounding and param.dtype == torch.bfloat16
+    @staticmethod
+    def validate_group(group: dict[str, Any]) -> None:
+        """Refuse a parameter group whose hyperparameters AdamW would ignore or cannot take."""
+        if "betas" not in group or "eps" not in group:
+            raise ValueError("APO-Precond with base='adamw' got a parameter group without betas and eps (a state saved "
+                             "with base='sgd'?).")
+        foreign = sorted(k for k in ("momentum", "dampening", "nesterov", "amsgrad", "maximize") if group.get(k))
+        if foreign:
+            raise ValueError(f"APO-Precond with base='adamw' does not take {', '.join(foreign)} in a parameter group.")
+        betas = group["betas"]
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}.")
+        if not group["eps"] >= 0 or not group["lr"] >= 0 or not group["weight_decay"] >= 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {group['lr']}, {group['eps']} and "
+                             f"{group['weight_decay']}.")
 
-    def _adam_moments(self, p: torch.Tensor, group: dict[str, Any], write: bool):
+    def moments(self, p: torch.Tensor, group: dict[str, Any], state, write: bool):
         """(m, denom, step_size) of this step for parameter ``p``, as torch.optim.AdamW computes them (same ops, same
         order): m and v updated with the raw gradient, denom = √v / √(1 − β₂ᵗ) + ε, step_size = η / (1 − β₁ᵗ).
 
         ``write``: update the state in place (the real step); otherwise compute this step's moments into new tensors
         and leave the state as it is (the look-ahead). For a stochastically rounded bf16 parameter, denom is float32.
         """
-        state = self.state[p]
+        state = state[p]
         grad = local_tensor(p.grad)
         beta1, beta2 = group["betas"]
         if state:
@@ -115,47 +105,43 @@ class AdamWBase:
             step += 1
             exp_avg = exp_avg.lerp(grad, 1 - beta1)
             exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom, step_size = _denom_and_step_size(exp_avg_sq, step, group, group["lr"], self._wide(p))
+        denom, step_size = _denom_and_step_size(exp_avg_sq, step, group, group["lr"], self.rounding.applies(p))
         return exp_avg, denom, step_size
 
-    def _adam_input(self, p: torch.Tensor, exp_avg: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    def adam_input(self, p: torch.Tensor, exp_avg: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
         """m / denom, the tensor P acts on (u = that / (1 − β₁ᵗ)); float32 for a stochastically rounded bf16 one."""
-        return (exp_avg.float() if self._wide(p) else exp_avg) / denom
+        return (exp_avg.float() if self.rounding.applies(p) else exp_avg) / denom
 
-    def _adamw_update(self) -> None:
-        """The real AdamW step with the current factors (see the module docstring for where it is bitwise torch's)."""
-        for index, group in enumerate(self.param_groups):
-            params = self._params_with_grad(group)
-            if not params:
-                continue
-            self._last_step_lrs[index] = float(group["lr"])
-            decay = 1 - group["lr"] * group["weight_decay"]
-            for p in params:
-                target = local_tensor(p)
-                factors = self.factors[p]
-                if not self._wide(p) and group["weight_decay"] != 0:
-                    target.mul_(decay)
-                exp_avg, denom, step_size = self._adam_moments(p, group, write=True)
-                if self._wide(p):
-                    with no_autocast(p):
-                        update = factors.precondition(self._adam_input(p, exp_avg, denom))
-                    self._stochastic_add_(target, update, -step_size, decay=decay)
-                elif factors.is_identity:
-                    target.addcdiv_(exp_avg, denom, value=-step_size)  # torch.optim.AdamW's own op
-                else:
-                    with no_autocast(p):
-                        update = factors.precondition(self._adam_input(p, exp_avg, denom))
-                    target.add_(update, alpha=-step_size)
+    def step_(self, index: int, group, params, state, factors) -> None:
+        """The real AdamW step of one group with the current factors (see the module docstring for where it is
+        bitwise torch's); records the LR it used for the next-batch meta step."""
+        self.last_step_lrs[index] = float(group["lr"])
+        decay = 1 - group["lr"] * group["weight_decay"]
+        for p in params:
+            target, wide = local_tensor(p), self.rounding.applies(p)
+            if not wide and group["weight_decay"] != 0:
+                target.mul_(decay)
+            exp_avg, denom, step_size = self.moments(p, group, state, write=True)
+            if wide:
+                with no_autocast(p):
+                    update = factors[p].precondition(self.adam_input(p, exp_avg, denom))
+                self.rounding.add_(target, update, -step_size, decay=decay)
+            elif factors[p].is_identity:
+                target.addcdiv_(exp_avg, denom, value=-step_size)  # torch.optim.AdamW's own op
+            else:
+                with no_autocast(p):
+                    update = factors[p].precondition(self.adam_input(p, exp_avg, denom))
+                target.add_(update, alpha=-step_size)
 
-    def _adamw_lookahead_(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[float]:
+    def lookahead_(self, group, params, state, factors) -> list[float]:
         """θ ← θ′ = θ·(1 − ηω) − η/(1 − β₁ᵗ) · P_φ(m / denom) in place, with the current (not cached) factors and
         this step's moments, which are not written; returns the cotangent scales −η/(1 − β₁ᵗ) (∂Δ/∂P(m/denom))."""
         scales = []
         for p in params:
             target = local_tensor(p)
-            exp_avg, denom, step_size = self._adam_moments(p, group, write=False)
+            exp_avg, denom, step_size = self.moments(p, group, state, write=False)
             with no_autocast(p):
-                update = self.factors[p].precondition_full(self._adam_input(p, exp_avg, denom)).to(p.dtype)
+                update = factors[p].precondition_full(self.adam_input(p, exp_avg, denom)).to(p.dtype)
             del exp_avg, denom
             if group["weight_decay"] != 0:
                 target.mul_(1 - group["lr"] * group["weight_decay"])
@@ -163,10 +149,14 @@ class AdamWBase:
             scales.append(-step_size)
         return scales
 
-    @torch.no_grad()
-    def next_batch_meta_update(self) -> bool:
-        """``loss_batch="next"`` (AdamW base, λ 0): a meta step on the loss of this step's batch at the parameters the
-        previous step gave, read from the gradient the training loop has just computed. No forward, no backward.
+    def preconditioned_input(self, p, group, state) -> torch.Tensor:
+        """What P acts on: m / denom (recomputed: cheap, element-wise, not kept)."""
+        exp_avg, denom, _ = self.moments(p, group, state, write=False)
+        return self.adam_input(p, exp_avg, denom)
+
+    def next_batch_meta_gradients(self, param_groups, state, factors):
+        """``loss_batch="next"`` (λ 0): the factors' gradients of the loss of this step's batch at the parameters the
+        previous step gave, from the gradient the training loop has just computed. No forward, no backward.
 
         θ_t+1 = θ_t·(1 − η_t·ω) − η_t/(1 − β₁ᵗ) · P_φ(m_t / denom_t), and the moments after step t are still in the
         state, so with g_t+1 = ∇L_{B_t+1}(θ_t+1) in ``.grad``
@@ -174,30 +164,46 @@ class AdamWBase:
             ∂L_{B_t+1}(θ_t+1)/∂φ = VJP of φ ↦ P_φ(m_t / denom_t) with cotangent −η_t/(1 − β₁ᵗ) · g_t+1,
 
         the hypergradient of the factors (the same VJP as the look-ahead's; η_t is the LR the step used, a learned
-        multiplier included). One step late: the factors that step t used are the current ones. The same-batch
-        objective's pull towards a smaller step is absent, and with ``shape_only`` the size is not the factors' to
-        learn anyway. Returns False when skipped (a non-finite gradient, or no step taken yet).
+        multiplier included). One step late: the factors that step t used are the current ones. Returns the
+        parameters reached (none before a first step) and their factors' gradients, in that order.
         """
         params, meta_grads = [], []
-        for group, lr in zip(self.param_groups, self._last_step_lrs):
-            for p in self._params_with_grad(group):
-                state = self.state[p]
-                if lr is None or not state:
+        for group, lr in zip(param_groups, self.last_step_lrs):
+            for p in (p for p in group["params"] if p.grad is not None):
+                if lr is None or not state[p]:
                     continue
                 # the step the state was last updated by, with the LR it was taken with
-                exp_avg = state["exp_avg"]
-                denom, step_size = _denom_and_step_size(state["exp_avg_sq"], float(state["step"]), group, lr,
-                                                        self._wide(p))
+                exp_avg, exp_avg_sq, step = state[p]["exp_avg"], state[p]["exp_avg_sq"], float(state[p]["step"])
+                denom, step_size = _denom_and_step_size(exp_avg_sq, step, group, lr, self.rounding.applies(p))
                 with no_autocast(p):
-                    cotangent = local_tensor(p.grad).to(self.factors[p].dtype).mul_(-step_size)
-                    meta_grads.extend(self.factors[p].vjp(self._adam_input(p, exp_avg, denom), cotangent))
+                    cotangent = local_tensor(p.grad).to(factors[p].dtype).mul_(-step_size)
+                    meta_grads.extend(factors[p].vjp(self.adam_input(p, exp_avg, denom), cotangent))
                 params.append(p)
-        if not params:
-            return False
-        zero = torch.zeros((), dtype=torch.float64, device=params[0].device)
-        stepped = self._step_factors(params, meta_grads, zero, zero)
-        self.last_meta_objective = float("nan")  # the loss is not evaluated: the Trainer logs it
-        return stepped
+        return params, meta_grads
+
+
+def adamw_groups(adamw: torch.optim.AdamW, meta_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parameter groups and hyperparameters (lr, betas, eps, weight_decay, per group) of an existing
+    ``torch.optim.AdamW``; ValueError on another class (``torch.optim.Adam`` included: its weight decay is not
+    decoupled by default), ``amsgrad=True``, ``maximize=True`` or a ``base`` other than ``"adamw"`` in
+    ``meta_kwargs`` (removed from it)."""
+    if not isinstance(adamw, torch.optim.AdamW):
+        raise ValueError(
+            f"APOPrecond.from_adamw needs a torch.optim.AdamW; got {type(adamw).__name__}. Use from_sgd for "
+            "torch.optim.SGD."
+        )
+    if meta_kwargs.get("base", "adamw") != "adamw":
+        raise ValueError(f"APOPrecond.from_adamw builds base='adamw', got base={meta_kwargs['base']!r}.")
+    meta_kwargs.pop("base", None)
+    if any(group.get("amsgrad") for group in adamw.param_groups):
+        raise ValueError("APO-Precond does not support AdamW's amsgrad=True; build the AdamW with amsgrad=False.")
+    if any(group.get("maximize") for group in adamw.param_groups):
+        raise ValueError("APO-Precond does not support maximize=True.")
+    return [
+        {"params": group["params"], **{k: _scalar(group[k]) if k != "betas" else tuple(map(_scalar, group[k]))
+                                       for k in ADAMW_KEYS}}
+        for group in adamw.param_groups
+    ]
 
 
 def check_objective(objective: ProximalObjective | None, base: str) -> None:
@@ -220,24 +226,6 @@ def _denom_and_step_size(exp_avg_sq: torch.Tensor, step: float, group: dict[str,
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denom = ((exp_avg_sq.float() if wide else exp_avg_sq).sqrt() / bias_correction2_sqrt).add_(group["eps"])
     return denom, lr / bias_correction1
-
-
-def validate_group(group: dict[str, Any], base: str) -> None:
-    """Refuse a parameter group whose hyperparameters the base would ignore or cannot take."""
-    if base == "sgd":
-        return  # SGD's groups are checked by the constructor's arguments, as before AdamW was a base
-    if "betas" not in group or "eps" not in group:
-        raise ValueError("APO-Precond with base='adamw' got a parameter group without betas and eps (a state saved "
-                         "with base='sgd'?).")
-    foreign = sorted(k for k in ("momentum", "dampening", "nesterov", "amsgrad", "maximize") if group.get(k))
-    if foreign:
-        raise ValueError(f"APO-Precond with base='adamw' does not take {', '.join(foreign)} in a parameter group.")
-    betas = group["betas"]
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}.")
-    if not group["eps"] >= 0 or not group["lr"] >= 0 or not group["weight_decay"] >= 0:
-        raise ValueError(f"lr, eps and weight_decay must be >= 0, got {group['lr']}, {group['eps']} and "
-                         f"{group['weight_decay']}.")
 
 
 def _scalar(value):

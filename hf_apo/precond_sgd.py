@@ -1,5 +1,5 @@
-"""APO-Precond's SGD base (``base="sgd"``): the update rule with P_φ applied to the gradient before the momentum,
-and the meta-gradient through it.
+"""APO-Precond's SGD base (``base="sgd"``) as a rule object, :class:`SGDRule`: the update with P_φ applied to the
+gradient before the momentum, the look-ahead, and what the meta-gradient's VJP acts on.
 
 SGD (``base="sgd"``, the default). The update of parameter θ with gradient g, per group (lr η, momentum μ,
 dampening τ, weight decay ω):
@@ -35,41 +35,43 @@ from typing import Any
 import torch
 
 from .distributed import local_tensor
-from .objective import ProximalObjective
-from .precision import no_autocast
+from .precision import StochasticRounding, no_autocast
 
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
 
-class SGDBase:
-    """The SGD part of :class:`~hf_apo.precond.APOPrecond` (a mixin: it reads the optimizer's groups and state)."""
+class SGDRule:
+    """The SGD base of :class:`~hf_apo.precond.APOPrecond`, chosen once at construction; its methods take the
+    optimizer's per-parameter ``state`` (the momentum buffers) and ``factors`` (P_φ per parameter)."""
 
-    @classmethod
-    def from_sgd(cls, sgd: torch.optim.SGD, objective: ProximalObjective | None = None, **meta_kwargs: Any):
-        """APO-Precond over the parameter groups and hyperparameters of an existing ``torch.optim.SGD``."""
-        if not isinstance(sgd, torch.optim.SGD):
-            raise ValueError(f"APO-Precond preconditions SGD; got {type(sgd).__name__}.")
-        if any(group.get("maximize") for group in sgd.param_groups):
-            raise ValueError("APO-Precond does not support maximize=True.")
-        groups = [{"params": group["params"], **{k: group[k] for k in SGD_KEYS}} for group in sgd.param_groups]
-        return cls(groups, objective, **meta_kwargs)
+    name = "sgd"
 
-    def _future_weight(self, group: dict[str, Any]) -> float:
+    def __init__(self, lookahead_steps: int, rounding: StochasticRounding, groups: int):
+        self.lookahead_steps = lookahead_steps
+        self.rounding = rounding
+        self.last_step_lrs: list[float | None] = [None] * groups  # the next-batch meta step is AdamW's: not recorded
+
+    @staticmethod
+    def validate_group(group: dict[str, Any]) -> None:
+        """SGD's groups are checked by the constructor's arguments."""
+
+    def future_weight(self, group: dict[str, Any]) -> float:
         """m: the weight of the new buffer b′ in the look-ahead's steps after the first (see the module docstring)."""
         momentum = group["momentum"]
         first = momentum * momentum if group["nesterov"] else momentum
         return sum(first * momentum**k for k in range(self.lookahead_steps - 1)) if momentum else 0.0
 
-    def _coefficient(self, group: dict[str, Any], has_buffer: bool) -> float:
+    def coefficient(self, group: dict[str, Any], has_buffer: bool) -> float:
         """c with ∂Δ/∂P(g) = −η · c for the look-ahead's displacement Δ (see the module docstring)."""
         momentum, dampening = group["momentum"], group["dampening"]
         if momentum == 0:
             return 1.0
         fresh = 1.0 if not has_buffer else 1.0 - dampening
         first = fresh * (1.0 + momentum) if group["nesterov"] else fresh
-        return first + fresh * self._future_weight(group)
+        return first + fresh * self.future_weight(group)
 
-    def _direction(self, group, params, preconditioned, update_buffers: bool, lookahead: bool = False) -> list[torch.Tensor]:
+    def direction(self, group, params, preconditioned, state, update_buffers: bool,
+                  lookahead: bool = False) -> list[torch.Tensor]:
         """The step direction −Δ/η from P(g), as torch.optim.SGD computes it from g (same ops, same order).
 
         ``lookahead``: the look-ahead's direction, which adds m · b′ for the momentum's later steps.
@@ -82,36 +84,66 @@ class SGDBase:
             return directions
         buffers = []
         for p, d in zip(params, directions):
-            buffer = self.state[p].get("momentum_buffer")
+            buffer = state[p].get("momentum_buffer")
             if buffer is None:
                 buffer = torch.clone(d).detach()
                 if update_buffers:
-                    self.state[p]["momentum_buffer"] = buffer
+                    state[p]["momentum_buffer"] = buffer
             elif update_buffers:
                 buffer.mul_(momentum).add_(d, alpha=1 - dampening)
             else:
                 buffer = buffer.mul(momentum).add_(d, alpha=1 - dampening)
             buffers.append(buffer)
-        if group["nesterov"]:
-            directions = torch._foreach_add(directions, buffers, alpha=momentum)
-        else:
-            directions = buffers
-        future = self._future_weight(group) if lookahead else 0.0
+        directions = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else buffers
+        future = self.future_weight(group) if lookahead else 0.0
         if future:
             directions = torch._foreach_add(directions, buffers, alpha=future)
         return directions
 
-    def _sgd_lookahead_(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[float]:
+    def step_(self, index: int, group, params, state, factors) -> None:
+        """The real step of one group: θ ← θ − η · direction(P(g)), P with the cached factors; a bf16 parameter's
+        update rounded stochastically (:class:`~hf_apo.precision.StochasticRounding`)."""
+        with no_autocast(params[0]):
+            preconditioned = [factors[p].precondition(local_tensor(p.grad)) for p in params]
+        directions = self.direction(group, params, preconditioned, state, update_buffers=True)
+        targets = [local_tensor(p) for p in params]
+        if self.rounding.enabled and any(t.dtype == torch.bfloat16 for t in targets):
+            for target, direction in zip(targets, directions):
+                if target.dtype == torch.bfloat16:
+                    self.rounding.add_(target, direction, -group["lr"])
+                else:
+                    target.add_(direction, alpha=-group["lr"])
+        else:
+            torch._foreach_add_(targets, directions, alpha=-group["lr"])
+
+    def lookahead_(self, group, params, state, factors) -> list[float]:
         """θ ← θ′ in place for one group (the momentum's later steps included, buffers not written); the cotangent
         scales −η·c (see the module docstring)."""
-        scales = [-group["lr"] * self._coefficient(group, self.state[p].get("momentum_buffer") is not None)
-                  for p in params]
+        scales = [-group["lr"] * self.coefficient(group, state[p].get("momentum_buffer") is not None) for p in params]
         with no_autocast(params[0]):
-            preconditioned = [self.factors[p].precondition_full(local_tensor(p.grad)).to(p.dtype) for p in params]
-        directions = self._direction(group, params, preconditioned, update_buffers=False, lookahead=True)
+            preconditioned = [factors[p].precondition_full(local_tensor(p.grad)).to(p.dtype) for p in params]
+        directions = self.direction(group, params, preconditioned, state, update_buffers=False, lookahead=True)
         del preconditioned
         torch._foreach_add_([local_tensor(p) for p in params], directions, alpha=-group["lr"])
         return scales
+
+    @staticmethod
+    def preconditioned_input(p, group, state) -> torch.Tensor:
+        """What P acts on: the gradient."""
+        return local_tensor(p.grad)
+
+    def next_batch_meta_gradients(self, param_groups, state, factors):
+        raise ValueError("APO-Precond's next-batch meta step needs base='adamw' (SGD's gradient is not in its state).")
+
+
+def sgd_groups(sgd: torch.optim.SGD) -> list[dict[str, Any]]:
+    """The parameter groups and hyperparameters of an existing ``torch.optim.SGD``; ValueError on another class or
+    on ``maximize=True``."""
+    if not isinstance(sgd, torch.optim.SGD):
+        raise ValueError(f"APO-Precond preconditions SGD; got {type(sgd).__name__}.")
+    if any(group.get("maximize") for group in sgd.param_groups):
+        raise ValueError("APO-Precond does not support maximize=True.")
+    return [{"params": group["params"], **{k: group[k] for k in SGD_KEYS}} for group in sgd.param_groups]
 
 
 def sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, betas, eps) -> dict[str, Any]:

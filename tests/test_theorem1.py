@@ -21,7 +21,7 @@ in the Kronecker family, so it is also the minimiser of E[Q] over it, up to the 
 correlation of G with Σ_B (measured: about 3% at |B| = 256 and 0.8% at |B| = 1024 after averaging the
 iterates, so this test uses |B| = 1024).
 
-Procedure (θ frozen in the sense of the spec): only meta steps are taken, by ``optimizer.meta_update()`` after
+Procedure (θ frozen in the sense of the spec): only meta steps are taken, by ``optimizer.meta_step()`` after
 ``observe(B′)`` then ``observe(B)`` (hf_apo/meta.py: B is the last observed batch, B′ the one before it, cut by
 ``meta_batch_fraction`` = 1.0, i.e. not cut); W is resampled around W* before every meta step and the training
 gradient G is computed at it on B. The default meta step on (A, B) (hf_apo.factors.FactorAdam: a dense factor moves by
@@ -110,7 +110,7 @@ def test_precond_converges_to_damped_gauss_newton():
         optimizer.observe(batch)
         weight.grad = None
         _squared_error_forward(model, batch)["loss"].backward()
-        assert optimizer.meta_update()
+        assert optimizer.meta_step()
         if t >= META_STEPS - AVERAGED:
             averaged += learned() / AVERAGED
 
