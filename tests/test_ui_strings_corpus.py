@@ -62,7 +62,10 @@ def install_fake(site: Path, version: str = "1.0", shuffle_seed: int | None = No
         catalog = polib.pofile(str(FIXTURES / fixture))
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(catalog)
-        catalog.save_as_mofile(str(path)) if name.endswith(".mo") else catalog.save(str(path))
+        if name.endswith(".mo"):
+            catalog.save_as_mofile(str(path))
+        else:
+            catalog.save(str(path))
     info = site / f"fake_catalogs-{version}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fake-catalogs\nVersion: {version}\n")
