@@ -1,10 +1,14 @@
-"""Running tests/scripts/train_tiny.py in fresh processes (plain, torchrun, killed and resumed)."""
+"""Running tests/scripts/train_tiny.py: in fresh processes (plain, torchrun, killed and resumed), or forked from the
+test process (``train_forked``: the same ``main``, no interpreter start or imports; a SIGKILL ends the child only)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import torch
+
+from distributed_testing import run_on_ranks
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_tiny.py")
 COMMON = [
@@ -32,6 +36,34 @@ def train(output_dir, *args, processes=1, check=True, extra_env=None):
     if check and completed.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{completed.stderr[-4000:]}")
     return completed
+
+
+def script():
+    """tests/scripts/train_tiny.py as a module, imported once in the test process (with transformers and hf_apo),
+    so that forked children start with everything imported."""
+    if "train_tiny" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_tiny", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["train_tiny"] = module
+    return sys.modules["train_tiny"]
+
+
+def _main(rank, world_size, argv):
+    os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    script().main(argv)
+
+
+def train_forked(output_dir, *args, check=True):
+    """train_tiny.py's ``main`` in one process forked from this one; its exit code (``check``: 0, or its traceback
+    raised)."""
+    script()
+    argv = ["--output_dir", str(output_dir), *COMMON, *map(str, args)]
+    if check:
+        run_on_ranks(_main, argv, world_size=1, timeout=180)
+        return 0
+    _, (code,) = run_on_ranks(_main, argv, world_size=1, timeout=180, check=False)
+    return code
 
 
 def result(output_dir, rank=0):

@@ -1,13 +1,17 @@
-"""The Trainer across processes (tests/scripts/train_tiny.py, a tiny Llama, 2 gloo processes on the CPU): under
-DDP, φ and the parameters stay identical on both ranks and match one process with the same global batch; under
-Accelerate's FSDP2 (forced on CPU processes) they match DDP; an FSDP2 run SIGKILLed after a checkpoint and resumed
-ends bitwise equal to the run that never stopped.
+"""The Trainer across processes, end to end (tests/scripts/train_tiny.py under torchrun, a tiny Llama, 2 gloo
+processes on the CPU): under DDP, φ and the parameters stay identical on both ranks and match one process with the
+same global batch; under Accelerate's FSDP2 (forced on CPU processes) they match DDP; an FSDP2 run SIGKILLed after a
+checkpoint and resumed ends bitwise equal to the run that never stopped.
+
+One variant, APO-LR with the loss from the next gradient under Rprop and the adaptive cadence: the most state in a
+checkpoint (the pending look-ahead, D, the cadence). The optimizer-level equivalences of every variant (DDP = one
+process, FSDP2 = DDP, the token weighting, the sharded optimizer files, resume) run in-process in tests/test_fsdp.py;
+benchmarks/checks/fsdp_gpu_check.py runs this check for all its variants on GPUs.
 
 The look-ahead backward bypasses DDP, so the first fails unless the optimizer all-reduces its meta-gradient.
 Accelerate ignores --fsdp on CPU processes (it trains with multi-CPU DDP); ``--force_fsdp_on_cpu`` lets its FSDP2
 act as on GPUs: fully_shard of the model after the optimizer is built, the parameters swapped in it, sharded
-clipping and checkpoints. The model is a tiny Llama: Accelerate's FSDP2 fails on T5's shared embeddings. The variants
-are the GPU check's (benchmarks/fsdp_gpu_check.py), so that it checks on GPUs what these tests check here.
+clipping and checkpoints. The model is a tiny Llama: Accelerate's FSDP2 fails on T5's shared embeddings.
 """
 
 import os
@@ -16,15 +20,19 @@ import sys
 import pytest
 import torch
 
-from helpers_subprocess import result, train
+from helpers_subprocess import result, train, train_forked
 from test_checkpoint_safety import leaf_types, load_with_default_globals_only
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the benchmarks beside the package
-from benchmarks.fsdp_gpu_check import VARIANTS, relative_difference  # noqa: E402
+from benchmarks.checks.fsdp_gpu_check import VARIANTS, relative_difference  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
+VARIANT = "lr_next"
 COMMON = ["--llama", "--max_steps", "8", "--per_device_train_batch_size", "4", "--apo_meta_interval", "2",
-          "--apo_meta_batch_fraction", "1.0"]
-FSDP2 = ["--force_fsdp_on_cpu", "--fsdp", "full_shard", "--fsdp_config", '{"version": 2}']
+          "--apo_meta_batch_fraction", "1.0", *VARIANTS[VARIANT]]
+FSDP2 = ["--force_fsdp_on_cpu", "--fsdp", "full_shard", "--fsdp_config", '{"version": 2}', "--save_strategy", "steps",
+         "--save_steps", "4"]
 OPT_IN = {"HF_APO_FSDP2": "1"}
 
 
@@ -32,21 +40,18 @@ def meta_steps(run):
     return [h["apo/meta_steps"] for h in run["log_history"] if "apo/meta_steps" in h][-1]
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def runs(request, tmp_path_factory):
-    """Each variant under FSDP2 (saving at step 4) and DDP on 2 processes, and in one process with the global batch."""
-    root = tmp_path_factory.mktemp(f"trainer_{request.param}")
-    args = [*COMMON, *VARIANTS[request.param]]
-    train(root / "fsdp", *args, *FSDP2, "--save_strategy", "steps", "--save_steps", "4", processes=2,
-          extra_env=OPT_IN)
-    train(root / "ddp", *args, "--save_strategy", "no", processes=2)
-    train(root / "one", *args, "--save_strategy", "no", "--per_device_train_batch_size", "8")
-    return request.param, root
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """FSDP2 (saving at step 4) and DDP on 2 processes, and one process (forked) with the global batch."""
+    root = tmp_path_factory.mktemp("trainer")
+    train(root / "fsdp", *COMMON, *FSDP2, processes=2, extra_env=OPT_IN)
+    train(root / "ddp", *COMMON, "--save_strategy", "no", processes=2)
+    train_forked(root / "one", *COMMON, "--save_strategy", "no", "--per_device_train_batch_size", "8")
+    return root
 
 
 def test_ddp_ranks_agree_and_match_one_process(runs):
-    variant, root = runs
-    rank0, rank1, single = result(root / "ddp", 0), result(root / "ddp", 1), result(root / "one")
+    rank0, rank1, single = result(runs / "ddp", 0), result(runs / "ddp", 1), result(runs / "one")
     assert all(torch.equal(a, b) for a, b in zip(rank0["meta"], rank1["meta"]))
     assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"]))
     assert meta_steps(rank0) == meta_steps(single)
@@ -59,18 +64,15 @@ def test_ddp_ranks_agree_and_match_one_process(runs):
 
 
 def test_fsdp2_ranks_agree_and_match_ddp(runs):
-    variant, root = runs
-    fsdp0, fsdp1, ddp = result(root / "fsdp", 0), result(root / "fsdp", 1), result(root / "ddp", 0)
+    fsdp0, fsdp1, ddp = result(runs / "fsdp", 0), result(runs / "fsdp", 1), result(runs / "ddp", 0)
+    assert fsdp0["sharded"]
     assert all(torch.equal(a, b) for a, b in zip(fsdp0["meta"], fsdp1["meta"]))
     assert all(torch.equal(a, b) for a, b in zip(fsdp0["params"], fsdp1["params"]))
-    # lr: every 2nd step; lr_next: Rprop with the adaptive cadence (a meta step at once while φ keeps moving), the
-    # last look-ahead awaiting step 9's gradient; precond: every 2nd step.
+    # Rprop with the adaptive cadence (a meta step at once while φ keeps moving), the last look-ahead awaiting step
+    # 9's gradient.
     assert meta_steps(fsdp0) == meta_steps(ddp)
-    assert meta_steps(fsdp0) >= (5 if variant == "lr_next" else 4)
-    if variant == "precond":
-        assert any(not torch.allclose(m, torch.eye(m.shape[0]), atol=1e-3) for m in fsdp0["meta"] if m.dim() == 2)
-    else:
-        assert float(fsdp0["meta"][0].abs().min()) > 0.3  # φ moved (about meta_lr per meta step)
+    assert meta_steps(fsdp0) >= 5
+    assert float(fsdp0["meta"][0].abs().min()) > 0.3  # φ moved (about meta_lr per meta step)
     # Measured: parameters equal to 0–2e-8, meta-parameters to 1e-7. A stale gathered unit (Accelerate keeps its
     # embedding/LM-head unit gathered after a forward) gave 1.6e-4 on φ.
     assert relative_difference(fsdp0["params"], ddp["params"]) < 1e-5
@@ -78,12 +80,7 @@ def test_fsdp2_ranks_agree_and_match_ddp(runs):
 
 
 def test_fsdp2_sigkill_then_resume_is_bitwise_equal(runs, tmp_path):
-    variant, root = runs
-    if variant == "lr":
-        pytest.skip("the same Trainer glue as lr_next, whose checkpoint holds more (the pending look-ahead, D and the "
-                    "cadence)")
-    args = [*COMMON, *VARIANTS[variant], *FSDP2, "--save_strategy", "steps", "--save_steps", "4"]
-    killed = train(tmp_path, *args, "--kill_at_step", "7", processes=2, check=False, extra_env=OPT_IN)
+    killed = train(tmp_path, *COMMON, *FSDP2, "--kill_at_step", "7", processes=2, check=False, extra_env=OPT_IN)
     assert killed.returncode != 0
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
     assert {"apo_optimizer_rank0.pt", "apo_optimizer_rank1.pt"} <= set(os.listdir(tmp_path / "checkpoint-4"))
@@ -91,10 +88,10 @@ def test_fsdp2_sigkill_then_resume_is_bitwise_equal(runs, tmp_path):
         saved = load_with_default_globals_only(tmp_path / "checkpoint-4" / f"apo_optimizer_rank{rank}.pt")
         assert leaf_types(saved) <= {torch.Tensor, int, float, bool, str, type(None)}
         assert saved["process_index"] == rank and saved["world_size"] == 2
-        # APO-LR's AdamW keeps DTensor moments, saved as shards; APO-Precond keeps its momentum as local tensors.
-        assert bool(saved["dtensors"]) == (variant != "precond")
-    train(tmp_path, *args, "--resume_from_checkpoint", tmp_path / "checkpoint-4", processes=2, extra_env=OPT_IN)
+        assert saved["dtensors"]  # APO-LR's AdamW keeps DTensor moments, saved as shards
+    train(tmp_path, *COMMON, *FSDP2, "--resume_from_checkpoint", tmp_path / "checkpoint-4", processes=2,
+          extra_env=OPT_IN)
     for rank in (0, 1):
-        straight, resumed = result(root / "fsdp", rank), result(tmp_path, rank)
+        straight, resumed = result(runs / "fsdp", rank), result(tmp_path, rank)
         assert all(torch.equal(a, b) for a, b in zip(straight["params"], resumed["params"]))
         assert all(torch.equal(a, b) for a, b in zip(straight["meta"], resumed["meta"]))

@@ -3,6 +3,8 @@
     python train_tiny.py --output_dir DIR [--apo lr] [--kill_at_step N] [--resume_from_checkpoint CKPT] ...
     torchrun --nproc_per_node 2 train_tiny.py --output_dir DIR [--fsdp full_shard --force_fsdp_on_cpu] ...
 
+or ``main(argv)`` in a process forked from the tests (tests/helpers_subprocess.py, ``train_forked``).
+
 Writes DIR/final_rank{R}.pt: the parameters, the APO meta-parameters and the log history of rank R (under FSDP2 the
 full parameters and, for --apo precond, each diagonal row factor gathered whole). Test-only switches:
 ``--force_fsdp_on_cpu`` lets Accelerate's FSDP2 act on CPU processes (see force_fsdp_on_cpu); ``--diagonal_rows``
@@ -83,8 +85,8 @@ def meta_parameters(optimizer):
     return tensors
 
 
-def main():
-    argv = sys.argv[1:]
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     kill_at = None
     if "--kill_at_step" in argv:
         index = argv.index("--kill_at_step")

@@ -2,7 +2,7 @@
 the fused AdamW kernel under APO-LR, float32 meta-parameters on the GPU, and APO-Precond's stochastic rounding of
 bf16 weights with a CUDA generator.
 
-    python benchmarks/cuda_check.py --output_dir OUT
+    python -m benchmarks.checks.cuda_check --output_dir OUT      # from the repository root
 
 Writes OUT/cuda_check.json and exits non-zero if a check fails. Needs torch + transformers + a GPU only.
 """
@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
 
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments  # noqa: E402
 
@@ -96,7 +96,8 @@ def main():
         optimizer.step()
     results["stochastic_rounding_mean"] = float(weight.float().mean())
     results["stochastic_rounding_generators"] = sorted(str(d) for d in optimizer._rounding_generators)
-    if abs(results["stochastic_rounding_mean"] - 1.1) > 2e-3 or not results["stochastic_rounding_generators"][0].startswith("cuda"):
+    on_cuda = results["stochastic_rounding_generators"][0].startswith("cuda")
+    if abs(results["stochastic_rounding_mean"] - 1.1) > 2e-3 or not on_cuda:
         failures.append("stochastic_rounding")
 
     results["failures"] = failures

@@ -1,7 +1,7 @@
 """The GPU check of --apo under the Trainer's FSDP2 (Accelerate), which the CPU tests can only force.
 
-    python benchmarks/fsdp_gpu_check.py --output_dir OUT          # on a machine with 1 or more GPUs
-    python benchmarks/fsdp_gpu_check.py --output_dir OUT --cpu    # the same checks on 2 CPU processes (dry run)
+    python -m benchmarks.checks.fsdp_gpu_check --output_dir OUT          # on a machine with 1 or more GPUs
+    python -m benchmarks.checks.fsdp_gpu_check --output_dir OUT --cpu    # the same checks on 2 CPU processes (dry run)
 
 For APO-LR (loss on the same batch, and on the next one) and APO-Precond it trains the tiny Llama of the tests
 (tests/scripts/train_tiny.py, 8 steps, a meta step every 2) with --fsdp full_shard --fsdp_config '{"version": 2}' and
@@ -26,14 +26,14 @@ import tempfile
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "train_tiny.py")
 COMMON = ["--llama", "--max_steps", "8", "--per_device_train_batch_size", "4", "--apo_meta_interval", "2",
           "--apo_meta_batch_fraction", "1.0", "--report_to", "none", "--learning_rate", "1e-3",
           "--lr_scheduler_type", "constant", "--logging_steps", "2", "--seed", "0", "--data_seed", "0",
           "--disable_tqdm", "true"]
 FSDP2 = ["--fsdp", "full_shard", "--fsdp_config", '{"version": 2}', "--save_strategy", "steps", "--save_steps", "4"]
-VARIANTS = {  # tests/test_distributed.py runs these same variants on CPU processes
+VARIANTS = {  # tests/test_distributed.py runs lr_next on CPU processes (tests/test_fsdp.py: each, in a plain loop)
     "lr": ["--apo", "lr", "--apo_loss_batch", "same", "--apo_meta_lr", "0.2"],
     # Rprop's step sizes and the adaptive cadence follow the signs of the reduced meta-gradient (the same on every rank)
     "lr_next": ["--apo", "lr", "--apo_loss_batch", "next", "--apo_lambda_fsd", "1", "--apo_horizon", "10",
