@@ -9,11 +9,12 @@ import torch
 torch.set_num_threads(1)
 
 
-# The files that run training scripts in subprocesses, longest first (measured on 2 cores: about 340, 170, 165, 130,
-# 120 and 90 s). pytest-xdist (``--dist loadfile``) hands whole files to its two workers in collection order, so these
-# go first and the short files fill in behind them; otherwise a long file taken last keeps one worker busy alone.
-LONG_FILES = ("test_distributed.py", "test_benchmarks.py", "test_fsdp.py", "test_trainer_benchmarks.py",
-              "test_example_translation.py", "test_resume.py", "test_hub_offline.py")
+# The longest files first (`pytest --durations`, 2 cores): the slow tier's end-to-end files, then the fast tier's
+# in-process distributed ones. pytest-xdist (``--dist loadfile``) hands whole files to its two workers in collection
+# order, so these go first and the short files fill in behind them; otherwise a long file taken last keeps one worker
+# busy alone.
+LONG_FILES = ("test_benchmarks.py", "test_trainer_benchmarks.py", "test_example_translation.py",
+              "test_distributed.py", "test_hub_offline.py", "test_fsdp.py", "test_resume.py")
 
 
 def pytest_collection_modifyitems(items):

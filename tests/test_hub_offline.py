@@ -50,6 +50,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "translation"
 RUN_TRANSLATION = EXAMPLE_DIR / "run_translation.py"

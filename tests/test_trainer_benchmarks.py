@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"adamw": {"apo": "none"}, "apo_lr": {"apo": "lr"}}
 # the script, and the field its rows record the Trainer flags under
