@@ -14,7 +14,7 @@ from transformers.training_args import OptimizerNames
 
 from .defaults import (  # noqa: F401  (re-exported: the flags' choices and defaults)
     APO_DEFAULTS, APO_LOSS_BATCHES, APO_LR_META_OPTIMIZERS, APO_LR_OPTIMS, APO_MODES, APO_PRECOND_OPTIMS,
-    APO_PRECOND_SIZES, DEFAULT_LOSS_BATCH, DEFAULT_PRECOND_SIZE,
+    APO_PRECOND_SIZES, DEFAULT_LOSS_BATCH, DEFAULT_PRECOND_SIZE, settings as apo_settings,
 )
 
 DEEPSPEED_REFUSAL = (
@@ -90,9 +90,9 @@ class APOArgumentsMixin:
             "the gradient, as in the paper; needs a proximity term) or 'next' (the next training batch, whose "
             "gradient the Trainer computes anyway: a meta step is then dot products, plus the KL pass when "
             "--apo_lambda_fsd > 0; with --apo precond over AdamW the factors' hypergradient, without proximity "
-            "terms). Default: 'next' for --apo lr (benchmarks/results/apo_lr_defaults.md; 'same' alone restores "
-            "the paper's settings), 'same' for --apo precond. APO-LR takes no meta step while the scheduler warms "
-            "the learning rate up.",
+            "terms). Default: 'next' for --apo lr (docs/method.md says why; 'same' alone restores the paper's "
+            "settings), 'same' for --apo precond. While the scheduler warms the learning rate up, APO-LR's meta "
+            "step only lowers it.",
             "choices": list(APO_LOSS_BATCHES),
         },
     )
@@ -204,12 +204,8 @@ class APOArgumentsMixin:
         if value is not None:
             return value
         mode = self.apo if self.apo in DEFAULT_LOSS_BATCH else "lr"
-        loss_batch = self.apo_loss_batch or DEFAULT_LOSS_BATCH[mode]
-        if flag == "apo_loss_batch":
-            return loss_batch
-        if flag == "apo_precond_size":
-            return DEFAULT_PRECOND_SIZE["sgd" if self._optim_name() == "sgd" else "adamw"]
-        return APO_DEFAULTS[(mode, loss_batch)][flag]
+        base = "sgd" if self._optim_name() == "sgd" else "adamw"
+        return apo_settings(mode, self.apo_loss_batch, base)[flag[len("apo_"):]]
 
     def _optim_name(self) -> str:
         try:

@@ -1,8 +1,10 @@
-"""The choices and defaults of the ``--apo_*`` flags, in one place (plain data: no torch, no transformers).
+"""The choices and defaults of APO, in one place (plain data: no torch, no transformers).
 
-``APO_DEFAULTS[(mode, loss batch)]`` holds the value of every flag left unset, per mode and, for APO-LR, per loss
-batch, so that ``--apo_loss_batch same`` alone gives the paper's objective with its settings. Evidence:
-benchmarks/results/apo_lr_defaults.md (APO-LR) and benchmarks/results/apo_precond_compare.md (APO-Precond).
+``APO_DEFAULTS[(mode, loss batch)]`` holds the value of every ``--apo_*`` flag left unset, per mode and, for APO-LR,
+per loss batch, so that ``--apo_loss_batch same`` alone gives the paper's objective with its settings. Every route to
+a default reads it through :func:`settings`: the optimizers' constructor defaults, ``ProximalObjective.for_apo`` and so
+``APOLR(params, model=...)``, ``APOPrecond(params, model=...)`` and ``APOLR.default_over``, and the Trainer's
+``apo_setting`` for an unset flag. Why these values: docs/method.md, "Why these defaults".
 """
 
 APO_MODES = ("none", "lr", "precond")
@@ -22,10 +24,14 @@ DEFAULT_LOSS_BATCH = {"lr": "next", "precond": "same"}
 # The paper's objective (Bae et al., 2022): the loss on the batch that gave the gradient, λ_FSD 10. ProximalObjective's
 # own defaults, APO-Precond's and APO-LR's with --apo_loss_batch same.
 PAPER_OBJECTIVE = {"loss_batch": "same", "lambda_fsd": 10.0, "lambda_wsd": 0.0, "horizon": 1.0}
-# APO-LR's next-batch default: the long-horizon estimator, no KL term (benchmarks/results/apo_lr_defaults.md)
+# APO-LR's next-batch default: the long-horizon estimator, no KL term
 NEXT_BATCH_LR = {"lambda_fsd": 0.0, "horizon": 10_000.0}
 META_LR = {"lr": 0.1, "precond": 0.01}
 META_INTERVAL = 10
+APO_PRECOND_SIZES = ("factors", "shape", "lr")
+# --apo_precond_size left unset, per base: over AdamW shape-only factors from the same-batch objective with the size
+# learned by APO-LR; over SGD the factors that carry size and shape
+DEFAULT_PRECOND_SIZE = {"adamw": "lr", "sgd": "factors"}
 LR_META_STEP = {"meta_optimizer": "adam", "adaptive_interval": False, "max_meta_step": 1.0}  # APOLR's meta step
 
 
@@ -42,16 +48,12 @@ APO_DEFAULTS = {
 }
 
 
-def settings(mode: str, loss_batch: str | None = None) -> dict:
+def settings(mode: str, loss_batch: str | None = None, base: str | None = None) -> dict:
     """The defaults of ``--apo {mode}`` (and ``--apo_loss_batch``), named as the constructors' arguments:
-    ``loss_batch``, ``lambda_fsd``, ``horizon``, ``meta_lr``, ``meta_interval``, ``meta_optimizer``, ..."""
+    ``loss_batch``, ``lambda_fsd``, ``horizon``, ``meta_lr``, ``meta_interval``, ``meta_optimizer``, ...; with
+    ``base`` (``"adamw"`` or ``"sgd"``) also ``precond_size``, what sets APO-Precond's step size over that base."""
     loss_batch = loss_batch or DEFAULT_LOSS_BATCH[mode]
     flags = APO_DEFAULTS[(mode, loss_batch)]
-    return {"loss_batch": loss_batch, **{flag[len("apo_"):]: value for flag, value in flags.items()}}
+    extra = {} if base is None else {"precond_size": DEFAULT_PRECOND_SIZE[base]}
+    return {"loss_batch": loss_batch, **{flag[len("apo_"):]: value for flag, value in flags.items()}, **extra}
 
-
-APO_PRECOND_SIZES = ("factors", "shape", "lr")
-# --apo_precond_size left unset, per base: over AdamW the rule's winner of benchmarks/apo_precond_split.py (issue 18:
-# shape-only factors from the same-batch objective, the size learned by APO-LR; best mean rank over six scenarios),
-# over SGD the factors that carry size and shape (benchmarks/results/apo_precond_compare.md)
-DEFAULT_PRECOND_SIZE = {"adamw": "lr", "sgd": "factors"}

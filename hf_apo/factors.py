@@ -193,9 +193,8 @@ class FactorAdam(torch.optim.Optimizer):
     factor A (d × d) gets one second moment for the whole matrix, of its gradient's spectral norm s (a lower bound,
     :func:`spectral_norm_lower_bound`):  m ← β₁m + (1 − β₁)G,  v ← β₂v + (1 − β₂)s²,  A ← A − lr · m̂/(√v̂ + ε),
     so a meta step moves L = AAᵀ's spectrum by about lr whatever d. Per-entry Adam turns a structured gradient into
-    a sign matrix whose spectral norm grows like d·lr: at d = 128 and lr 0.01 the largest eigenvalue of L went from
-    1 to 3 in one meta step and to 38 in 25, and translation training diverged (benchmarks/results/quality.md).
-    ``spectral=False`` gives per-entry Adam to dense factors too (the behaviour before this class).
+    a sign matrix whose spectral norm grows like d·lr, so the largest eigenvalue of L can grow several-fold in one
+    meta step (docs/method.md). ``spectral=False`` gives per-entry Adam to dense factors too.
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -206,9 +205,9 @@ class FactorAdam(torch.optim.Optimizer):
         """Load a saved state, including one saved under the other geometry or by ``torch.optim.Adam``.
 
         The hyperparameters stay this optimizer's (the run's own flags); only the moments and step counts load. A
-        dense factor's second moment saved per entry (``torch.optim.Adam``, as hf_apo saved it before this class,
-        or ``spectral=False``) becomes the scalar of the spectral step as its sum, E‖G‖²_F ≥ E‖G‖²₂; a saved scalar
-        becomes a per-entry one by broadcasting. Both over-estimate, so the first steps after the switch are
+        dense factor's second moment saved per entry (``torch.optim.Adam``'s layout, or ``spectral=False``) becomes
+        the scalar of the spectral step as its sum, E‖G‖²_F ≥ E‖G‖²₂; a saved scalar becomes a per-entry one by
+        broadcasting. Both over-estimate, so the first steps after the switch are
         smaller, never larger, and a warning says so.
         """
         saved_groups = state_dict["param_groups"]

@@ -1,7 +1,7 @@
 """The precision of APO-Precond's update: its math in full precision, and bf16 parameters rounded without bias.
 
 bf16 parameters. Rounding θ − η·d to the nearest bf16 drops every update smaller than half a bf16 ulp of its entry
-(2⁻⁹ relative): on the translation benchmark at lr 0.1, 55–79% of the entries did not move in a step. With
+(2⁻⁹ relative), which can leave most entries unmoved in a step (docs/method.md). With
 ``stochastic_rounding`` (the default) a bf16 parameter's update is added in float32 and rounded up or down at random
 with the probabilities that make the rounding unbiased, so small updates accumulate in expectation, at no memory
 cost. The draws come from the optimizer's own generator (seeded, saved in the state dict), so every data-parallel

@@ -53,7 +53,7 @@ class APOPrecond(MetaLearnedOptimizer):
         amsgrad: not supported (True is refused); accepted so that the error says so.
         meta_interval: a meta step every this many optimizer steps.
         meta_lr: learning rate of the meta-optimizer on the factors (0 turns meta-learning off): about how far a
-            dense factor's spectrum, or a diagonal entry, moves per meta step (docs/benchmarks.md: why 0.01).
+            dense factor's spectrum, or a diagonal entry, moves per meta step (docs/method.md: why 0.01).
         meta_batch_fraction: the meta batch B′ is this fraction of the previously observed batch.
         max_factor_dim: a side longer than this (or than the weight's other side) gets a diagonal factor.
         diagonal_row_params: parameters whose rows index a vocabulary (input embeddings, LM heads): their row side
