@@ -122,6 +122,7 @@ class APOPrecond(MetaLearnedOptimizer):
         return cls(adamw_groups(adamw, meta_kwargs), objective, base="adamw", **meta_kwargs)
 
     base = property(lambda self: self.rule.name, doc='``"sgd"`` or ``"adamw"``: the rule\'s name.')
+    _rounding_generators = property(lambda self: self.rounding.generators)  # read by benchmarks/checks/cuda_check.py
 
     def _build_factors(self) -> None:
         """Identity factors for the parameters in ``param_groups`` (in order) and a fresh meta-optimizer."""
