@@ -170,9 +170,12 @@ def runs(tmp_path_factory):
 def test_fsdp2_equals_ddp_and_one_process(runs, variant):
     fsdp0, fsdp1 = runs["fsdp"][0][variant], runs["fsdp"][1][variant]
     ddp, single = runs["ddp"][0][variant], runs["none"][0][variant]
-    # φ and the parameters are identical on both ranks (the shards' sums are all-reduced, not averaged apart).
+    # φ and the parameters are identical on both ranks (the shards' sums are all-reduced, not averaged apart), and
+    # under DDP (whose all-reduce the look-ahead backward bypasses: the optimizer reduces its meta-gradient itself).
     assert all(torch.equal(a, b) for a, b in zip(fsdp0["meta"], fsdp1["meta"]))
     assert all(torch.equal(a, b) for a, b in zip(fsdp0["params"], fsdp1["params"]))
+    ddp1 = runs["ddp"][1][variant]
+    assert all(torch.equal(a, b) for a, b in zip(ddp["meta"] + ddp["params"], ddp1["meta"] + ddp1["params"]))
     every_step = variant in ("lr_next", "precond_split")  # APO-LR's next-batch meta steps, K 1
     assert fsdp0["meta_steps"] == ddp["meta_steps"] == single["meta_steps"] == (29 if every_step else 15)
     # Meta-learning moved φ far from its start, so the comparisons below compare learned values.
