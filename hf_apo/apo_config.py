@@ -29,7 +29,7 @@ def check_apo_fsdp(version: int, xla: bool = False, cpu_offload: bool = False) -
     """Refuse FSDP1, XLA FSDP and CPU offload with --apo; FSDP2 only with the opt-in until it has run on a GPU.
 
     On the CPU Accelerate ignores --fsdp (it trains as multi-CPU DDP): tests/test_distributed.py forces its FSDP2
-    state there; benchmarks/fsdp_gpu_check.py is the GPU check.
+    state there; ``python -m benchmarks.checks.fsdp_gpu_check`` is the GPU check.
     """
     if version != 2 or xla:
         raise ValueError(
@@ -45,8 +45,8 @@ def check_apo_fsdp(version: int, xla: bool = False, cpu_offload: bool = False) -
     if os.environ.get(FSDP2_OPT_IN) != "1":
         raise ValueError(
             f"--apo with the Trainer's FSDP2 is tested on CPU processes but not yet on GPUs: set {FSDP2_OPT_IN}=1 to "
-            "use it (benchmarks/fsdp_gpu_check.py checks it on a GPU machine), or use --apo none. APOLR and "
-            "APOPrecond in your own loop over a fully_shard model need no opt-in."
+            "use it (python -m benchmarks.checks.fsdp_gpu_check checks it on a GPU machine), or use --apo none. "
+            "APOLR and APOPrecond in your own loop over a fully_shard model need no opt-in."
         )
 
 
