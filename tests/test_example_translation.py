@@ -5,6 +5,7 @@ thread (``OMP_NUM_THREADS=1``): the model is tiny, and a second thread only adds
 cores. ``HF_HOME`` points to a temporary directory so that no cache outside the test is read or written.
 """
 
+import importlib
 import json
 import math
 import os
@@ -173,11 +174,12 @@ def bad_data_file(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", BAD_DATA_FILES)
-def test_bad_data_files_raise_an_error_naming_the_flag_and_the_file(case, run_translation_module, tmp_path):
+def test_bad_data_files_raise_an_error_naming_the_flag_and_the_file(case, data_files, tmp_path):
     data_file, expected = bad_data_file(case, tmp_path)
-    with pytest.raises(run_translation_module.InputError) as raised:
-        run_translation_module.load_data_file("--train_file " + str(data_file), str(data_file), ("en", "de"),
-                                              str(tmp_path / "cache"))
+    input_errors = import_example_module("input_errors")
+    with pytest.raises(input_errors.InputError) as raised:
+        data_files.load_data_file("--train_file " + str(data_file), str(data_file), ("en", "de"),
+                                  str(tmp_path / "cache"))
     assert str(raised.value).startswith(expected)
 
 
@@ -194,6 +196,27 @@ def test_bad_input_ends_with_one_error_line(apo_lr_run, hf_home, tmp_path):
     assert len(error_lines) == 1
     assert result.stderr.splitlines()[-1] == error_lines[0]
     assert error_lines[0].startswith("error: " + expected)
+
+
+def test_max_source_length_beyond_the_model_positions_is_an_error(apo_lr_run, hf_home, tmp_path):
+    """Upstream's guard: the offline model has 128 position embeddings, so 129 source tokens cannot be encoded.
+
+    The data are short enough that a run without the guard would train and exit 0. Not given, --max_source_length
+    is the model's 128 (test_training_on_dates_and_numbers trains such a model with it unset).
+    """
+    cache_dir = apo_lr_run / "offline_default"
+    args = ["--output_dir", tmp_path / "out", "--offline_cache_dir", cache_dir, "--max_source_length", "129"]
+    result = run_script(RUN_TRANSLATION, [*args, *SHORT_RUN], hf_home)
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error_lines == [result.stderr.splitlines()[-1]]
+    assert error_lines[0] == (
+        "error: `--max_source_length` is set to 129, but the model only has 128 position encodings. Consider either "
+        "reducing `--max_source_length` to 128 or using a model with larger position embeddings"
+    )
+    assert not (tmp_path / "out" / "all_results.json").exists()
 
 
 # Texts that a reader left to infer types takes for something else: pyarrow's JSON reader types a column of ISO dates
@@ -230,23 +253,27 @@ def write_pairs(path, pairs):
     return path
 
 
-@pytest.fixture(scope="module")
-def run_translation_module():
-    """``run_translation`` imported in this process (it imports its sibling modules by their bare names)."""
+def import_example_module(name):
+    """A module beside ``run_translation.py``, imported in this process (they import each other by bare names)."""
     sys.path.insert(0, str(EXAMPLE_DIR))
     try:
-        import run_translation
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(EXAMPLE_DIR))
-    return run_translation
+
+
+@pytest.fixture(scope="module")
+def data_files():
+    """``data_files.py``: the script's loading and checking of data files."""
+    return import_example_module("data_files")
 
 
 @pytest.mark.parametrize("kind", list(TEXT_THAT_LOOKS_TYPED))
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
-def test_data_files_are_read_as_text(suffix, kind, run_translation_module, tmp_path):
+def test_data_files_are_read_as_text(suffix, kind, data_files, tmp_path):
     pairs = TEXT_THAT_LOOKS_TYPED[kind]
     data_file = write_pairs(tmp_path / f"data{suffix}", pairs)
-    dataset = run_translation_module.load_data_file(
+    dataset = data_files.load_data_file(
         f"--train_file {data_file}", str(data_file), ("en", "de"), str(tmp_path / "cache")
     )
     assert dataset["translation"][:] == pairs
