@@ -25,6 +25,13 @@ DEEPSPEED_REFUSAL = (
 FSDP2_OPT_IN = "HF_APO_FSDP2"
 
 
+def _positive_number(text) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 def check_apo_fsdp(version: int, xla: bool = False, cpu_offload: bool = False) -> None:
     """Refuse FSDP1, XLA FSDP and CPU offload with --apo; FSDP2 only with the opt-in until it has run on a GPU.
 
@@ -67,22 +74,14 @@ class APOArgumentsMixin:
     apo_meta_interval: int | None = field(
         default=None, metadata={"help": "Take a meta step every this many optimizer steps (K). Must be >= 1. Default: 10."}
     )
-    apo_meta_lr: float | None = field(
-        default=None,
-        metadata={
-            "help": "Adam learning rate of the meta-parameters; 0 switches meta-learning off. Default: 0.1 for "
-            "--apo lr (the LR moves about this much in log space per meta step), 0.01 for --apo precond (a dense "
-            "factor's spectrum moves about this much per meta step)."
-        },
-    )
-    apo_lambda_fsd: float | None = field(
-        default=None,
-        metadata={
-            "help": "Weight of the function-space proximity term: KL between the model's output distributions before "
-            "and after the step, in nats per target token. Must be >= 0. Default: 0 for --apo lr with "
-            "--apo_loss_batch next, 10 with --apo_loss_batch same and for --apo precond."
-        },
-    )
+    apo_meta_lr: float | None = field(default=None, metadata={"help": (
+        "Adam learning rate of the meta-parameters; 0 switches meta-learning off. Default: 0.1 for --apo lr (the LR "
+        "moves about this much in log space per meta step), 0.01 for --apo precond (a dense factor's spectrum moves "
+        "about this much per meta step).")})
+    apo_lambda_fsd: float | None = field(default=None, metadata={"help": (
+        "Weight of the function-space proximity term: KL between the model's output distributions before and after "
+        "the step, in nats per target token. Must be >= 0. Default: 0 for --apo lr with --apo_loss_batch next, 10 "
+        "with --apo_loss_batch same and for --apo precond.")})
     apo_loss_batch: str | None = field(
         default=None,
         metadata={
@@ -127,20 +126,19 @@ class APOArgumentsMixin:
             "choices": list(APO_LR_META_OPTIMIZERS),
         },
     )
-    apo_max_meta_step: float | None = field(
-        default=None,
-        metadata={
-            "help": "--apo lr --apo_meta_optimizer rprop: the largest change of the log learning rate in one meta step "
-            "(1.0: a factor e). >= 0.001. Default: 1.0."
-        },
-    )
-    apo_adaptive_interval: bool | None = field(
-        default=None,
-        metadata={
-            "help": "--apo lr: 'true' runs a meta step at every step while the learning rate keeps moving one way "
-            "(from step 1), every --apo_meta_interval steps after the meta-gradient flips sign. Default: false."
-        },
-    )
+    apo_max_meta_step: float | None = field(default=None, metadata={"help": (
+        "--apo lr --apo_meta_optimizer rprop: the largest change of the log learning rate in one meta step (1.0: a "
+        "factor e). >= 0.001. Default: 1.0.")})
+    apo_adaptive_interval: bool | None = field(default=None, metadata={"help": (
+        "--apo lr: 'true' runs a meta step at every step while the learning rate keeps moving one way (from step 1), "
+        "every --apo_meta_interval steps after the meta-gradient flips sign. Default: false.")})
+    apo_trust_region: str | None = field(default=None, metadata={"help": (
+        "--apo lr (and the size learned with --apo_precond_size lr): bound each step by its own KL on the meta batch. "
+        "'none', or the largest KL a step may have, in nats per target token (e.g. 1.0 when fine-tuning, 0.1 from "
+        "scratch): a larger step is halved in place until it fits and the learned LR comes down with it, also "
+        "during a warm-up; in the first steps the LR doubles while steps stay below a tenth of the bound and the "
+        "meta-gradient agrees. Measured every step of that opening, then every --apo_meta_interval steps. Default: "
+        "none.")})
     apo_label_shift: str = field(
         default="auto",
         metadata={
@@ -266,6 +264,9 @@ class APOArgumentsMixin:
             value = getattr(self, flag)
             if value is not None and not value >= 0:
                 raise ValueError(f"--{flag} must be >= 0; got {value!r}. Use 0 to drop that proximity term.")
+        if self.apo_trust_region not in (None, "none") and not _positive_number(self.apo_trust_region):
+            raise ValueError(f"--apo_trust_region must be 'none' or a KL bound > 0 in nats per token (e.g. 1.0); got "
+                             f"{self.apo_trust_region!r}.")
         if self.apo_max_meta_step is not None and not self.apo_max_meta_step >= 1e-3:
             raise ValueError(f"--apo_max_meta_step must be >= 0.001; got {self.apo_max_meta_step!r}.")
         if self.apo_horizon is not None and not self.apo_horizon >= 1:
@@ -278,6 +279,9 @@ class APOArgumentsMixin:
             raise ValueError(f"--apo_max_factor_dim must be an integer >= 1; got {self.apo_max_factor_dim!r}.")
 
     def _validate_apo_combinations(self) -> None:
+        learns_lr = self.apo == "lr" or (self.apo == "precond" and self.apo_setting("apo_precond_size") == "lr")
+        if self.apo_trust_region not in (None, "none") and not learns_lr:
+            raise ValueError("--apo_trust_region bounds a learned LR: use --apo lr or --apo precond --apo_precond_size lr.")
         if self.apo_precond_size not in (None, "factors") and self.apo != "precond":
             raise ValueError(f"--apo_precond_size {self.apo_precond_size} is --apo precond's; drop it or pass --apo "
                              "precond.")

@@ -147,7 +147,8 @@ class APOTrainerMixin:
         return APOLR(base, objective, log_lr_range=(-args.apo_lr_clamp, args.apo_lr_clamp),
                      meta_optimizer=args.apo_setting("apo_meta_optimizer"),
                      adaptive_interval=args.apo_setting("apo_adaptive_interval"),
-                     max_meta_step=args.apo_setting("apo_max_meta_step"), **meta)
+                     max_meta_step=args.apo_setting("apo_max_meta_step"),
+                     trust_region=args.apo_setting("apo_trust_region"), **meta)
 
     def _apo_precond(self, model, base, objective: ProximalObjective, meta: dict):
         """APO-Precond over the AdamW or SGD the parent built; with ``--apo_precond_size lr``, inside APO-LR."""
@@ -166,6 +167,7 @@ class APOTrainerMixin:
         the step's LR is the scheduled one times the multiplier."""
         return APOLR.default_over(precond, model, meta_lr=None if self.args.apo_effective_meta_lr > 0 else 0.0,
                                   log_lr_range=(-self.args.apo_lr_clamp, self.args.apo_lr_clamp),
+                                  trust_region=self.args.apo_setting("apo_trust_region"),
                                   label_shift=precond.objective.label_shift)
 
     def apo_diagonal_row_params(self, model) -> list:

@@ -16,16 +16,14 @@ and the base's state does not depend on η, so the look-ahead *is* the real step
     1. ``"next"``: the pending ∂Q/∂φ is finished with ⟨D, ∇L_{B_t+1}(θ_t+1)⟩ from ``.grad``, then phase 4;
     2. the base step with the current φ (:meth:`APOLR._base_step`); when a meta step is due it is the look-ahead
        θ′ = θ + Δ, with θ kept (one extra copy of the parameters, turned into Δ in place) and f(B′; θ) computed first;
+       with a ``trust_region`` a measured step is judged by its KL on B′, and shrunk in place if too large;
     3. ∂Q/∂φ of the terms evaluated at θ′ (:meth:`APOLR._meta_gradient_at`);
     4. the meta step on φ (:meth:`APOLR.meta_step`: mean over ranks, guard, :class:`~hf_apo.phi_step.LogLR`, cadence);
     5. ``"same"``: θ′ += Δ · (exp(φ_new − φ) − 1) per group, the step the base would have taken with φ_new;
        ``"next"``: ∂Q/∂φ waits for the next gradient (``pending``), one step late, the step taken not rescaled.
 
-A phase that checks the step taken (e.g. its function-space size on B′) and shrinks it in place slots in between 3
-and 4, on the :class:`~hf_apo.lr_meta_gradient.Lookahead`, as an object with its own state like φ
-(:class:`~hf_apo.phi_step.LogLR`), the cadence (:class:`~hf_apo.phi_step.Cadence`), the warm-up rule
-(:class:`~hf_apo.phi_step.WarmupWatch`) and D (:class:`~hf_apo.next_batch.Displacement`). The profiler regions
-``apo/base_step`` and ``apo/meta_step`` mark the base optimizer's step and APO's own work.
+φ, the cadence, the warm-up rule, D and the trust region are owned objects with their own state. Profiler regions:
+``apo/base_step`` (the base optimizer's step), ``apo/meta_step`` and ``apo/trust_region`` (APO's own work).
 
 ``loss_batch="same"`` is the paper's objective (L_B(θ′) on the batch that gave the gradient). ``loss_batch="next"``
 scores the loss on the following training batches, from the gradients the loop computes there anyway, through
@@ -41,6 +39,7 @@ copy of the parameters) from the look-ahead to the next step, for a horizon abov
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -53,9 +52,10 @@ from .linear_lr import wrapped_optimizer
 from .lr_meta_gradient import (Lookahead, MetaGradient, displacement_meta_gradient, lookahead_meta_gradient,
                                rescale_step_, split)
 from .meta import MetaLearnedOptimizer, default_objective
-from .next_batch import Displacement, pending_state, tracks_displacement
+from .next_batch import Displacement, load_pending_state, pending_state, tracks_displacement
 from .objective import ProximalObjective
 from .phi_step import Cadence, LogLR, WarmupWatch
+from .trust_region import TrustRegionRule, bounded_step, trust_region_of
 
 
 class APOLR(MetaLearnedOptimizer):
@@ -79,6 +79,8 @@ class APOLR(MetaLearnedOptimizer):
         meta_optimizer: ``"adam"`` or ``"rprop"`` (sign-agreement step sizes on φ; ``meta_lr`` is the first step).
         max_meta_step: ``"rprop"``: the largest step of φ in one meta step (1.0: a factor e on the LR).
         adaptive_interval: meta steps every step while φ keeps moving one way, every ``meta_interval`` after a flip.
+        trust_region: ``"none"``, ``"kl"``, ``"ratio"``, a KL bound (nats per token) or a ``TrustRegionRule``: the
+            step taken is bounded by its own KL on B′ (:mod:`hf_apo.trust_region`).
         **base_kwargs: forwarded to the base optimizer (``lr``, ``weight_decay``, ``momentum``, ...).
 
     The defaults of every argument are ``--apo lr``'s (hf_apo.defaults). Usage::
@@ -106,6 +108,7 @@ class APOLR(MetaLearnedOptimizer):
         meta_optimizer: str = LR_META_STEP["meta_optimizer"],
         adaptive_interval: bool = LR_META_STEP["adaptive_interval"],
         max_meta_step: float = LR_META_STEP["max_meta_step"],
+        trust_region: TrustRegionRule | str | None = LR_META_STEP["trust_region"],
         **base_kwargs: Any,
     ):
         self.base_optimizer = wrapped_optimizer(params_or_optimizer, base, base_kwargs)
@@ -121,33 +124,27 @@ class APOLR(MetaLearnedOptimizer):
         self.warmup = WarmupWatch()
         self.displacement = Displacement()  # loss_batch "next": D, the discounted sum of steps
         self.pending: MetaGradient | None = None  # loss_batch "next": ∂Q/∂φ of the look-ahead, awaiting the gradient
+        self.trust_region = trust_region_of(trust_region, meta_interval)
         self._warming_up = False  # the scheduled LR rose at this step: the meta step only lowers φ
         self._initialized = True
 
     @classmethod
-    def default_over(cls, optimizer, model, meta_lr: float | None = None, log_lr_range=(-10.0, 10.0), **objective):
-        """``--apo lr``'s default around ``optimizer``, e.g. a shape-only APO-Precond whose size it learns
-        (``--apo_precond_size lr``); ``objective``: :meth:`ProximalObjective.for_apo`'s keyword arguments."""
+    def default_over(cls, optimizer, model, meta_lr: float | None = None, log_lr_range=(-10.0, 10.0),
+                     trust_region=LR_META_STEP["trust_region"], **objective):
+        """``--apo lr``'s default around ``optimizer`` (e.g. a shape-only APO-Precond whose size it learns);
+        ``objective``: :meth:`ProximalObjective.for_apo`'s keyword arguments."""
         meta = {} if meta_lr is None else {"meta_lr": meta_lr}
-        return cls(optimizer, ProximalObjective.for_apo(model, "lr", **objective), log_lr_range=log_lr_range, **meta)
+        return cls(optimizer, ProximalObjective.for_apo(model, "lr", **objective), log_lr_range=log_lr_range,
+                   trust_region=trust_region, **meta)
 
-    # -- φ, as the one float32 tensor LogLR owns; the names below read it -----------------------------------
-    @property
-    def log_lr(self) -> torch.Tensor:
-        return self.phi.log_lr
+    # -- φ, as the one float32 tensor LogLR owns; these names read it ---------------------------------------
+    log_lr = property(lambda self: self.phi.log_lr, doc="φ: the float32 log-multiplier per group.")
+    meta_optimizer = property(lambda self: self.phi.meta_optimizer, doc="φ's meta-optimizer.")
 
     @property
     def lr_multipliers(self) -> list[float]:
         """exp(φ) per parameter group: the factor applied to each group's scheduled learning rate."""
         return self.phi.multipliers()
-
-    @property
-    def meta_optimizer(self) -> torch.optim.Optimizer:
-        return self.phi.meta_optimizer
-
-    @property
-    def _displacement(self) -> list[torch.Tensor] | None:
-        return self.displacement.tensors  # read by benchmarks/common.py (memory_usage() says the same)
 
     @property
     def inner(self) -> MetaLearnedOptimizer | None:
@@ -174,10 +171,7 @@ class APOLR(MetaLearnedOptimizer):
         if track:
             with record_function("apo/meta_step"):
                 self.displacement.before_step(self.local_params(), self.objective.discount)
-        if meta_step_due:
-            self._lookahead_meta_step()
-        else:
-            self._base_step()
+        self._lookahead_meta_step() if meta_step_due else self._bounded_base_step()
         if track:
             with record_function("apo/meta_step"):
                 self.displacement.after_step(self.local_params())
@@ -204,12 +198,19 @@ class APOLR(MetaLearnedOptimizer):
         for group, multiplier in zip(self.param_groups, multipliers):
             if multiplier != 1.0:
                 group["lr"] = group["lr"] * multiplier  # a new tensor where the LR is one (torchao): restored below
-        try:
-            with record_function("apo/base_step"):
+        try:  # a wrapped APO optimizer marks its own base and meta steps
+            with record_function("apo/base_step") if self.inner is None else contextlib.nullcontext():
                 self.base_optimizer.step()
         finally:
             for group, lr in zip(self.param_groups, scheduled):
                 group["lr"] = lr
+
+    def _bounded_base_step(self) -> None:
+        """The base step; on a step the trust region measures, bounded by it, and φ lowered as far as it shrank."""
+        if self.trust_region is None or not (self.meta_lr > 0 and self.trust_region.due(self.step_count)):
+            return self._base_step()
+        with record_function("apo/trust_region"):  # φ comes down as far as the step was shrunk
+            self.phi.shift([math.log(bounded_step(self, self.trust_region, self._base_step).shrink)] * len(self.phi))
 
     def _take_lookahead(self, score_loss: bool) -> Lookahead:
         """The base step with the current φ, as the look-ahead θ′ = θ + Δ: Δ replaces a copy of θ taken before it
@@ -225,7 +226,7 @@ class APOLR(MetaLearnedOptimizer):
         device = params[0].device if params else torch.device("cpu")
         step = Lookahead(sharded_params, params, [len(g) for g in groups], torch.zeros((), dtype=dtype, device=device))
         if not (score_loss or self.objective.uses_meta_batch or self.objective.lambda_wsd):
-            self._base_step()
+            self._bounded_base_step()
             return step
         with record_function("apo/meta_step"):
             if self.objective.needs_batches:
@@ -282,10 +283,14 @@ class APOLR(MetaLearnedOptimizer):
             self.cadence.schedule(moving=False, interval=self.meta_interval)
             return None
         changes, signs = self.phi.step(meta_grad, only_lower=self._warming_up)
+        if self.trust_region is not None and not self._warming_up:  # growth in the opening, none at its edge
+            changes = self.trust_region.limit_phi(self.phi, changes, meta_grad.tolist())
         self.cadence.record(signs, interval=self.meta_interval)
         return changes
 
     def _meta_step_scheduled(self) -> bool:
+        if self.trust_region is not None and self.trust_region.opening:  # φ may grow at every step
+            return self.pending is None
         if not self.adaptive_interval:
             return super()._meta_step_scheduled()
         return self.pending is None and self.step_count >= self.cadence.next_meta_step
@@ -303,6 +308,7 @@ class APOLR(MetaLearnedOptimizer):
             "pending": pending_state(self.pending, self.displacement),
             "previous_scheduled_lrs": self.warmup.previous_lrs,
             "cadence": self.cadence.state_dict(),
+            "trust_region": None if self.trust_region is None else self.trust_region.state_dict(),
         }
         return state
 
@@ -318,15 +324,11 @@ class APOLR(MetaLearnedOptimizer):
             return
         self.phi.load_state_dict(apo)  # first: it refuses another meta-optimizer before anything is loaded
         self._load_meta_state(apo)
-        pending = apo.get("pending") or {}
-        params = self.all_params()
-        self.displacement.load_state_dict(pending.get("displacement"), params)
-        self.pending = None
-        if pending.get("meta_grad") is not None:
-            device = params[0].device if params else torch.device("cpu")
-            self.pending = MetaGradient(pending["meta_grad"].to(device), pending["objective"].to(device))
+        self.pending = load_pending_state(apo.get("pending"), self.displacement, self.all_params())
         self.warmup.previous_lrs = apo.get("previous_scheduled_lrs")
         self.cadence = Cadence.from_state_dict(apo.get("cadence"))
+        if self.trust_region is not None and apo.get("trust_region") is not None:
+            self.trust_region.load_state_dict(apo["trust_region"])
 
     def _meta_tensors(self) -> list:
         pending = [] if self.pending is None else [self.pending.meta_grad, self.pending.objective]
@@ -341,7 +343,8 @@ class APOLR(MetaLearnedOptimizer):
         multipliers = self.phi.multipliers()
         metrics["apo/lr_multiplier"] = math.exp(sum(math.log(m) for m in multipliers) / len(multipliers))
         if len(multipliers) > 1:
-            for index, multiplier in enumerate(multipliers):
-                metrics[f"apo/lr_multiplier_group{index}"] = multiplier
+            metrics.update({f"apo/lr_multiplier_group{index}": m for index, m in enumerate(multipliers)})
         metrics["apo/learning_rate"] = float(self.param_groups[0]["lr"]) * multipliers[0]
+        if self.trust_region is not None:
+            metrics.update(self.trust_region.metrics())
         return metrics

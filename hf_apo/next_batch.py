@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .lr_meta_gradient import MetaGradient
+
 
 class Displacement:
     """D, the discounted sum of the steps taken (None until the first tracked step, and after :meth:`clear`)."""
@@ -67,3 +69,14 @@ def pending_state(pending, displacement: Displacement) -> dict[str, Any] | None:
         "objective": None if pending is None else pending.objective.clone(),
         "displacement": displacement.state_dict(),
     }
+
+
+def load_pending_state(state: dict[str, Any] | None, displacement: Displacement, params: list[torch.Tensor]):
+    """:func:`pending_state`'s inverse: D loaded onto the parameters' devices, and the pending meta-gradient (a
+    :class:`~hf_apo.lr_meta_gradient.MetaGradient`, or None)."""
+    state = state or {}
+    displacement.load_state_dict(state.get("displacement"), params)
+    if state.get("meta_grad") is None:
+        return None
+    device = params[0].device if params else torch.device("cpu")
+    return MetaGradient(state["meta_grad"].to(device), state["objective"].to(device))

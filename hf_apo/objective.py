@@ -216,17 +216,32 @@ class ProximalObjective:
             return kl_divergence(target, prediction)
         return squared_error_divergence(target, prediction)
 
-    @torch.no_grad()
     def target(self, meta_batch: Batch) -> Any:
-        """f(B′; θ): the detached distribution D compares against, computed before the step is taken."""
-        if not self.uses_meta_batch:
-            return None
+        """f(B′; θ): the detached distribution D compares against, computed before the step is taken (None without
+        a function-space term)."""
+        return self.reference(meta_batch) if self.uses_meta_batch else None
+
+    @torch.no_grad()
+    def reference(self, meta_batch: Batch) -> Any:
+        """f(B′; θ) at the current parameters, detached, whatever λ_FSD (also the trust region's reference)."""
         with self._eval_mode():
             outputs = self.forward(self.model, meta_batch)
         free_gathered(self.model)  # sharded: the step that follows changes the shards
         if callable(self.divergence):
             return outputs
         return self._distribution(outputs, meta_batch).detach()
+
+    @torch.no_grad()
+    def divergence_from(self, reference: Any, meta_batch: Batch) -> torch.Tensor:
+        """D(reference ‖ f(B′; θ)) at the current parameters, without grad, weighted by this rank's share of B′'s
+        global count (so that its mean over ranks is the global mean, as the KL term's)."""
+        with self._eval_mode():
+            outputs = self.forward(self.model, meta_batch)
+            divergence = self._divergence(reference, outputs, meta_batch)
+        free_gathered(self.model)
+        count = None if callable(self.divergence) else int(reference.shape[0])
+        (share,) = shares_of_global_count([count], divergence.device)
+        return divergence * share
 
     def lookahead_gradient(
         self,

@@ -87,6 +87,9 @@ class LogLR:
         self.log_lr = torch.zeros(groups, dtype=torch.float32)
         self.meta_optimizer = build_meta_optimizer(kind, self.log_lr, meta_lr, betas, self.max_step)
 
+    def __len__(self) -> int:
+        return self.log_lr.numel()  # one per parameter group
+
     def multipliers(self) -> list[float]:
         """exp(φ) per group."""
         return [math.exp(x) for x in self.log_lr.tolist()]
@@ -106,6 +109,13 @@ class LogLR:
             torch.minimum(self.log_lr, previous, out=self.log_lr)
         self.log_lr.clamp_(*self.range)
         return (self.log_lr - previous).tolist(), torch.sign(grad).tolist()
+
+    def shift(self, changes: list[float]) -> list[float]:
+        """φ += ``changes`` per group outside the meta-optimizer (the trust region's moves), then the clamp; the
+        change made."""
+        previous = self.log_lr.clone()
+        self.log_lr.add_(torch.tensor(changes, dtype=self.log_lr.dtype)).clamp_(*self.range)
+        return (self.log_lr - previous).tolist()
 
     def state_dict(self) -> dict[str, Any]:
         return {"log_lr": self.log_lr.clone(), "meta_optimizer": self.meta_optimizer.state_dict(),

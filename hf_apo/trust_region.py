@@ -39,6 +39,8 @@ from typing import Any, Callable
 
 import torch
 
+from .distributed import all_reduce_mean, local_tensor
+
 CRITERIA = ("ratio", "kl")
 VERDICTS = ("too_large", "room", "hold")
 
@@ -66,8 +68,8 @@ class TrustRegionRule:
             return "too_large"
         if self.criterion == "kl":
             return "too_large" if kl > self.max_kl else "room" if kl < self.max_kl / 10 else "hold"
-        if gain <= 0:  # the step does not decrease the loss even to first order: only a negligible one may stand
-            return "hold" if kl == 0 else "too_large"
+        if gain <= 0:  # no first-order decrease to compare with (noise, or a converged direction): no evidence
+            return "hold"
         ratio = kl / gain
         return "too_large" if ratio > self.max_ratio else "room" if ratio < self.grow_below else "hold"
 
@@ -184,6 +186,13 @@ class TrustRegion:
             self.measure_next = True
         return change
 
+    def limit_phi(self, phi, changes: list[float], meta_gradients: list[float]) -> list[float]:
+        """:meth:`limit` applied to the changes a meta step made to φ (a :class:`~hf_apo.phi_step.LogLR`): φ is
+        shifted to the limited values; the changes made."""
+        wanted = [self.limit(change, gradient) for change, gradient in zip(changes, meta_gradients)]
+        shifts = phi.shift([w - c for w, c in zip(wanted, changes)])
+        return [c + s for c, s in zip(changes, shifts)]
+
     def state_dict(self) -> dict[str, Any]:
         return {"opening": self.opening, "last": None if self.last is None else asdict(self.last),
                 "last_measured_step": self.last_measured_step, "measure_next": self.measure_next,
@@ -201,3 +210,56 @@ class TrustRegion:
             return {}
         return {"apo/step_kl": self.last.kl, "apo/step_kl_ratio": self.last.ratio,
                 "apo/trust_region_shrinks": float(self.shrinks)}
+
+
+def bounded_step(optimizer, region: TrustRegion, base_step: Callable[[], None]) -> Measurement:
+    """``base_step()`` (the wrapped optimizer's step at the current φ), judged on the meta batch and backtracked in
+    place by ``region``'s rule. φ is the caller's to lower by log(``measurement.shrink``).
+
+    Costs a no-grad forward on B′ before the step and one after it (one more per halving), and a copy of the
+    parameters (θ, turned into Δ in place) until the step is judged. Several processes: the KL is the global token
+    mean (each rank's weighted by its share, then the mean over ranks) and the gain is summed over shards, so every
+    rank takes the same decision."""
+    objective = optimizer.objective
+    if optimizer._current_batch is None:
+        raise ValueError("APO-LR's trust region measures the step on the batches: call optimizer.observe(batch) "
+                         "before each step() (the Trainer does), or pass trust_region='none'.")
+    _, meta_batch = optimizer._meta_batches()
+    reference = objective.reference(meta_batch)
+    stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    params = [local_tensor(p).detach() for p in stepped]
+    deltas = [p.clone() for p in params]  # θ
+    base_step()
+    torch._foreach_sub_(deltas, params)
+    torch._foreach_neg_(deltas)  # Δ = θ′ − θ, in place of the copy of θ
+    gain = first_order_gain([local_tensor(p.grad) for p in stepped], deltas).reshape(1)
+    gain = float(optimizer.layout.sum_over_shards(gain))
+
+    def measure() -> float:
+        return float(all_reduce_mean(objective.divergence_from(reference, meta_batch).detach().reshape(1)))
+
+    return region.bound_step(optimizer.step_count, measure, gain, lambda factor: shrink_step_(params, deltas, factor))
+
+
+def trust_region_of(setting: TrustRegionRule | str | float | None, interval: int) -> TrustRegion | None:
+    """The optimizer's trust region from its ``trust_region`` argument: None/"none" (off), "kl" or "ratio" (the rule
+    with that criterion and its defaults), a number (``"kl"`` with that bound in nats per token), or a rule; after
+    the opening a strategy given by name measures every ``interval`` steps."""
+    if setting is None or setting == "none":
+        return None
+    if isinstance(setting, (int, float)) or (isinstance(setting, str) and _is_number(setting)):
+        setting = TrustRegionRule(criterion="kl", max_kl=float(setting), interval=interval)
+    if isinstance(setting, str):
+        if setting not in CRITERIA:
+            raise ValueError(f"trust_region must be 'none', one of {', '.join(CRITERIA)} or a TrustRegionRule, got "
+                             f"{setting!r}.")
+        setting = TrustRegionRule(criterion=setting, interval=interval)
+    return TrustRegion(setting)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -15,7 +15,7 @@ from hf_apo.trust_region import TrustRegion, TrustRegionRule, first_order_gain, 
     (0.1, 1.0, "room"),  # ratio 0.1 < 1/8: the LR is below a quarter of the model's best
     (20.0, 30.0, "hold"),  # a large KL that gains as much is fine: the test is scale-free
     (1e-3, 1e-4, "too_large"),  # a tiny KL that gains nothing is not
-    (1e-3, -1.0, "too_large"),  # an ascent step
+    (1e-3, -1.0, "hold"),  # no first-order decrease to compare with: no evidence either way
     (0.0, 0.0, "hold"),
     (math.nan, 1.0, "too_large"),
 ])
@@ -140,3 +140,173 @@ def test_state_dict_round_trip():
     restored.load_state_dict(region.state_dict())
     assert restored == region
     assert restored.metrics()["apo/step_kl"] == region.last.kl
+
+
+# -- in APO-LR ------------------------------------------------------------------------------------------------------
+import copy  # noqa: E402
+
+from distributed_testing import TinyTokenModel, run_on_ranks  # noqa: E402
+from hf_apo import APOLR  # noqa: E402
+from test_fsdp import batch_of, relative_difference  # noqa: E402
+from tiny import copy_task_batch, tiny_bart  # noqa: E402
+
+
+def _train(model, optimizer, steps, seed=0, trace=None, fixed=False):
+    """``steps`` steps on the reverse task (``fixed``: the same batch every step); the losses."""
+    generator = torch.Generator().manual_seed(seed)
+    losses, batch = [], copy_task_batch(generator) if fixed else None
+    for _ in range(steps):
+        batch = batch if fixed else copy_task_batch(generator)
+        loss = model(**batch).loss
+        loss.backward()
+        if hasattr(optimizer, "observe"):
+            optimizer.observe(batch)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if trace is not None:
+            trace.append((optimizer.lr_multipliers[0], optimizer.trust_region.last))
+    return losses
+
+
+def test_the_measured_kl_is_torch_kl_div_of_the_step_on_the_meta_batch():
+    """The KL of the step actually taken, on B′ (the previous batch's first quarter), per real target token."""
+    model = tiny_bart()
+    rule = TrustRegionRule(max_ratio=1e9, grow_below=1e-9, interval=1)  # measures every step, never shrinks
+    optimizer = APOLR(model.parameters(), model=model, lr=3e-3, trust_region=rule)
+    generator = torch.Generator().manual_seed(0)
+    first, second = copy_task_batch(generator), copy_task_batch(generator)
+    for batch in (first, second):
+        model(**batch).loss.backward()
+        optimizer.observe(batch)
+        if batch is second:
+            meta_batch = {k: v[:2] for k, v in first.items()}  # ceil(0.25 · 8) examples of the previous batch
+            with torch.no_grad():
+                before = model(**meta_batch).logits
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        after = model(**meta_batch).logits
+    mask = meta_batch["labels"] != -100
+    expected = torch.nn.functional.kl_div(after[mask].log_softmax(-1), before[mask].log_softmax(-1), log_target=True,
+                                          reduction="batchmean")
+    assert optimizer.trust_region.last.kl == pytest.approx(float(expected), rel=1e-5)
+    assert optimizer.trust_region.measurements == 2 and optimizer.trust_region.last.kl > 1e-4
+
+
+def test_backtracking_keeps_a_huge_learning_rate_finite():
+    """AdamW at lr 3 wrecks the tiny model (its loss 100× the uniform model's); with the trust region the first step
+    is shrunk in place, φ comes down with it, and the loss stays near where it started."""
+    losses = {}
+    for setting in ("none", 0.1):
+        model = tiny_bart()
+        optimizer = APOLR(model.parameters(), model=model, lr=3.0, trust_region=setting)
+        losses[setting] = _train(model, optimizer, 30)
+    assert max(losses["none"]) > 10 * losses["none"][0]  # wrecked without it
+    assert all(math.isfinite(x) for x in losses[0.1]) and max(losses[0.1]) < 1.2 * losses[0.1][0]
+    assert optimizer.trust_region.shrinks >= 1 and optimizer.lr_multipliers[0] <= 2 ** -6
+
+
+def test_growth_doubles_the_lr_until_the_first_step_out_of_the_quadratic_regime():
+    """From a 1e-5 LR on one repeated batch (the meta-gradient says "larger" at every step)."""
+    model = tiny_bart()
+    optimizer = APOLR(model.parameters(), model=model, lr=1e-5, trust_region="kl")
+    trace = []
+    _train(model, optimizer, 40, trace=trace, fixed=True)
+    multipliers = [m for m, _ in trace]
+    end = next(i for i, (_, measured) in enumerate(trace) if measured.verdict != "room")
+    assert end >= 5  # a 1e-5 LR is deep in the quadratic regime: it doubled for several steps
+    # ×2 at each step of the opening (the meta step of step t is applied at step t + 1, with the next gradient)
+    assert multipliers[:end + 1] == pytest.approx([2.0 ** i for i in range(end + 1)], rel=1e-5)
+    assert not optimizer.trust_region.opening
+    assert max(b / a for a, b in zip(multipliers[end:], multipliers[end + 1:])) < 1.2  # then the meta step's moves
+
+
+def test_without_meta_learning_it_is_the_base_optimizer_bit_for_bit():
+    model, twin = tiny_bart(), tiny_bart()
+    optimizer = APOLR(model.parameters(), model=model, lr=3.0, meta_lr=0.0, trust_region=1e-6)
+    _train(model, optimizer, 5)
+    _train(twin, torch.optim.AdamW(twin.parameters(), lr=3.0), 5)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert optimizer.trust_region.measurements == 0
+
+
+def test_resume_is_bitwise_with_the_trust_region_state():
+    def build(model):
+        return APOLR(model.parameters(), model=model, lr=0.1, trust_region=TrustRegionRule(max_kl=0.05,
+                                                                                           criterion="kl"))
+
+    model = tiny_bart()
+    optimizer = build(model)
+    _train(model, optimizer, 24)
+    resumed_model = tiny_bart()
+    resumed = build(resumed_model)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(24):
+        if step == 12:  # a checkpoint, and a fresh process that loads it
+            state, weights = copy.deepcopy(resumed.state_dict()), copy.deepcopy(resumed_model.state_dict())
+            resumed_model = tiny_bart(seed=1)
+            resumed_model.load_state_dict(weights)
+            resumed = build(resumed_model)
+            resumed.load_state_dict(state)
+        batch = copy_task_batch(generator)
+        resumed_model(**batch).loss.backward()
+        resumed.observe(batch)
+        resumed.step()
+        resumed.zero_grad()
+    assert optimizer.trust_region.shrinks >= 1  # the state being resumed is not trivial
+    assert resumed.trust_region == optimizer.trust_region
+    assert torch.equal(resumed.log_lr, optimizer.log_lr)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+def _ddp_run(rank, world):
+    """30 steps of APO-LR with a tight KL bound on this rank's share of each global batch (about 3:2 in tokens)."""
+    model = TinyTokenModel()
+    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = APOLR(model.parameters(), model=model, lr=0.3, meta_batch_fraction=1.0,
+                      trust_region=TrustRegionRule(criterion="kl", max_kl=0.02, interval=3))
+    for step in range(30):
+        batch = batch_of("lr", step, rank, world)
+        tokens = (batch["labels"] != -100).sum().double()
+        total = tokens.clone()
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        (trained(**batch)["loss"] * float(tokens * world / total)).backward()
+        optimizer.observe(batch)
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"params": [p.detach().clone() for p in model.parameters()], "log_lr": optimizer.log_lr.clone(),
+            "region": optimizer.trust_region.state_dict()}
+
+
+def test_two_processes_take_the_decisions_of_one():
+    """The KL is the global token mean (each rank's weighted by its share), so both ranks and one process with the
+    global batch shrink the same steps by the same factors."""
+    ranks = run_on_ranks(_ddp_run)
+    single = _ddp_run(0, 1)
+    assert single["region"]["shrinks"] >= 1 and float(single["log_lr"]) < -1.0  # it shrank: φ came down
+    for result in ranks:
+        assert result["region"]["shrinks"] == single["region"]["shrinks"]
+        assert torch.equal(result["log_lr"], single["log_lr"])
+        assert relative_difference(result["params"], single["params"]) < 1e-5
+
+
+@pytest.mark.parametrize("apo", ["lr", "precond"])
+def test_the_trainer_flag_bounds_the_step_and_logs_its_kl(tmp_path, apo):
+    """``--apo_trust_region 0.05`` at a learning rate that wrecks the tiny T5: the step's KL is logged (apo/step_kl),
+    the steps are shrunk and training stays finite; under ``--apo precond`` the size learner carries it."""
+    from hf_apo import APOSeq2SeqTrainer, APOSeq2SeqTrainingArguments
+    from tiny import CopyDataset, tiny_t5
+
+    args = APOSeq2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=8, max_steps=12,
+        logging_steps=4, save_strategy="no", seed=0, data_seed=0, disable_tqdm=True, learning_rate=0.1,
+        apo=apo, apo_trust_region="0.05")
+    trainer = APOSeq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=CopyDataset())
+    trainer.train()
+    region = trainer.apo_optimizer.trust_region
+    assert region.rule.criterion == "kl" and region.rule.max_kl == 0.05 and region.shrinks >= 1
+    logs = [h for h in trainer.state.log_history if "apo/step_kl" in h]
+    assert len(logs) == 3 and all(h["apo/step_kl"] <= 0.05 for h in logs)
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
