@@ -6,7 +6,8 @@
 
 Works on any Trainer output directory (or checkpoint folder). The left panel shows the training loss (and the
 evaluation loss when the run evaluated during training). The right panel shows the APO statistics that the run
-logged: the learned learning-rate multiplier ``apo/lr_multiplier`` for ``--apo lr``, the mean traces of the Kronecker
+logged: the learned learning-rate multiplier ``apo/lr_multiplier`` and learning rate ``apo/learning_rate`` for
+``--apo lr`` (with ``--apo_trust_region``, the measured KL of a step ``apo/step_kl``), the mean traces of the Kronecker
 factors ``apo/left_trace_mean`` / ``apo/right_trace_mean`` and ``apo/scale_mean`` for ``--apo precond``; with
 ``--apo none`` there are none, and it shows the scheduled learning rate instead.
 """
@@ -25,6 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 
 APO_STATISTICS = {
     "apo/lr_multiplier": "learned LR multiplier exp(phi)",
+    "apo/learning_rate": "learned learning rate (schedule x multiplier)",
+    "apo/step_kl": "the step's KL on the meta batch, nats/token (--apo_trust_region)",
     "apo/left_trace_mean": "left factors: mean tr(L)/out",
     "apo/right_trace_mean": "right factors: mean tr(R)/in",
     "apo/scale_mean": "diagonal and scalar factors: mean",
