@@ -77,6 +77,7 @@ def read_log_history(output_dir):
     return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
 
 
+@pytest.mark.slow
 def test_offline_default_writes_results_predictions_and_plot(apo_lr_run):
     results = json.loads((apo_lr_run / "all_results.json").read_text())
     for key in ("eval_loss", "eval_bleu", "eval_exact_match", "train_loss", "predict_bleu", "predict_exact_match"):
@@ -100,6 +101,7 @@ def test_offline_default_writes_results_predictions_and_plot(apo_lr_run):
     assert not splits["validation"] & splits["test"]
 
 
+@pytest.mark.slow
 def test_offline_default_learns_and_logs_the_lr_multiplier(apo_lr_run):
     log_history = read_log_history(apo_lr_run)
     losses = [entry["loss"] for entry in log_history if "loss" in entry]
@@ -115,6 +117,7 @@ def test_offline_default_learns_and_logs_the_lr_multiplier(apo_lr_run):
     assert any(m != 1.0 for m in multipliers), "6 meta steps ran, the learned LR multiplier should have moved"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "apo_args",
     [
@@ -183,6 +186,7 @@ def test_bad_data_files_raise_an_error_naming_the_flag_and_the_file(case, data_f
     assert str(raised.value).startswith(expected)
 
 
+@pytest.mark.slow
 def test_bad_input_ends_with_one_error_line(apo_lr_run, hf_home, tmp_path):
     """The script end to end (one of the cases above: every InputError takes the same way out)."""
     data_file, expected = bad_data_file("missing_target_key", tmp_path)
@@ -198,6 +202,7 @@ def test_bad_input_ends_with_one_error_line(apo_lr_run, hf_home, tmp_path):
     assert error_lines[0].startswith("error: " + expected)
 
 
+@pytest.mark.slow
 def test_max_source_length_beyond_the_model_positions_is_an_error(apo_lr_run, hf_home, tmp_path):
     """Upstream's guard: the offline model has 128 position embeddings, so 129 source tokens cannot be encoded.
 
@@ -279,6 +284,7 @@ def test_data_files_are_read_as_text(suffix, kind, data_files, tmp_path):
     assert dataset["translation"][:] == pairs
 
 
+@pytest.mark.slow
 def test_training_on_dates_and_numbers(apo_lr_run, hf_home, tmp_path):
     train_file = write_pairs(tmp_path / "train.jsonl", TEXT_THAT_LOOKS_TYPED["dates"])
     validation_file = write_pairs(tmp_path / "validation.csv", TEXT_THAT_LOOKS_TYPED["numbers"])
@@ -294,6 +300,7 @@ def test_training_on_dates_and_numbers(apo_lr_run, hf_home, tmp_path):
     assert math.isfinite(results["train_loss"]) and math.isfinite(results["eval_loss"])
 
 
+@pytest.mark.slow
 def test_plot_training_reports_a_missing_state_file(hf_home, tmp_path):
     result = run_script(PLOT_TRAINING, [tmp_path], hf_home)
     assert result.returncode == 2
