@@ -1,4 +1,2 @@
-"""Benchmarks of hf_apo against AdamW and its peers: ``overhead.py`` (cost) and ``quality.py`` (results).
-
-Run them from the repository root, e.g. ``python benchmarks/overhead.py`` (see benchmarks/README.md).
-"""
+"""Benchmarks of hf_apo against AdamW and its peers: tasks, optimizers, one runner, scoring, reports; the studies
+are data in benchmarks/studies/ (``python -m benchmarks``; see benchmarks/README.md)."""

@@ -1,4 +1,5 @@
-"""benchmarks/sweep.py: the run store's keys, the checkpoint a Trainer task's rows are read by, resuming, the rule."""
+"""benchmarks' run store and runner: keys from the full method, the checkpoint a Trainer task's rows are read by,
+resuming, a typo in a method failing, the rule's mean ranks and tie-break."""
 
 from __future__ import annotations
 
@@ -11,57 +12,102 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import sweep as sweep_module  # noqa: E402
-from benchmarks.common import MethodSpec  # noqa: E402
-from benchmarks.sweep import Sweep, key_of, load_runs, mean_ranks, ordered_by_rule, run_key, runs_file  # noqa: E402
+from benchmarks import runner  # noqa: E402
+from benchmarks.optimizers import resolve  # noqa: E402
+from benchmarks.runner import Store, Study, run_key  # noqa: E402
+from benchmarks.score import mean_ranks, ordered_by_rule, tie_key  # noqa: E402
+
+ADAMW = resolve({"kind": "adamw"})
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def write_study(root: Path, name: str, text: str) -> None:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "study.toml").write_text(text)
 
 
 def test_keys_round_the_lr_and_default_to_float32():
-    assert run_key("adamw", 1e-3 * 3, 0, 30) == run_key("adamw", 0.003, 0, 30, "fp32")
-    assert key_of({"method": "adamw", "lr": 0.0030000000000000005, "seed": 1, "steps": 30}) == \
-        ("adamw", 0.003, 1, 30, "fp32")
-    assert key_of({"method": "a", "lr": 0.1, "seed": 0, "steps": 30, "precision": "bf16_weights"})[-1] == \
-        "bf16_weights"
+    assert run_key("t", ADAMW, 1e-3 * 3, 0, 30) == run_key("t", ADAMW, 0.003, 0, 30, "fp32")
+    assert run_key("t", ADAMW, 0.0030000000000000005, 1, 30) == run_key("t", ADAMW, 0.003, 1, 30)
+    assert run_key("t", ADAMW, 0.003, 0, 30, "bf16_weights") != run_key("t", ADAMW, 0.003, 0, 30)
+    # the whole method is in the key: another hyperparameter is another run, the same one written as an int is not
+    assert run_key("t", {**ADAMW, "weight_decay": 0.1}, 0.003, 0, 30) != run_key("t", ADAMW, 0.003, 0, 30)
+    assert run_key("t", {**ADAMW, "weight_decay": 0}, 0.003, 0, 30) == run_key("t", ADAMW, 0.003, 0, 30)
+    # a hyperparameter a builder gained later, at the value that reproduces the stored runs, leaves their keys alone
+    apo = resolve({"kind": "apo_lr"})
+    assert apo["trust_region"] == "none"
+    older = {k: v for k, v in apo.items() if k != "trust_region"}
+    assert run_key("t", apo, 0.003, 0, 30) == run_key("t", older, 0.003, 0, 30)
+    assert run_key("t", {**apo, "trust_region": "kl"}, 0.003, 0, 30) != run_key("t", older, 0.003, 0, 30)
+
+
+def test_a_method_typo_fails_and_defaults_are_filled():
+    with pytest.raises(TypeError, match="lamda_fsd"):
+        resolve({"kind": "apo_lr", "lamda_fsd": 1.0})
+    with pytest.raises(ValueError, match="unknown optimizer kind"):
+        resolve({"kind": "adamww"})
+    full = resolve({"kind": "apo_lr", "loss_batch": "same"})
+    from hf_apo.defaults import settings
+
+    assert all(full[k] == v for k, v in settings("lr", "same").items())  # hf_apo's defaults, not a private copy
+    assert resolve({"kind": "sgd"}, default_schedule="linear")["schedule"] == "linear"
+
+
+STUDY = """
+title = "t"
+question = "q"
+tasks = ["teacher_student", "finetune"]
+checkpoints = { finetune = "abc" }
+[grids.adamw]
+method = { kind = "adamw" }
+lrs = [1e-3]
+[cells]
+grid = "adamw"
+[methods]
+"""
 
 
 def test_a_trainer_task_reads_only_the_rows_of_its_checkpoint(tmp_path):
-    rows = [{"task": "finetune", "method": "adamw", "lr": 1e-3, "seed": 0, "steps": 600},  # legacy: torch 2.13
-            {"task": "finetune", "method": "adamw", "lr": 1e-3, "seed": 0, "steps": 600, "pretrained_sha256": "abc"}]
-    write_rows(runs_file(tmp_path, "finetune"), rows)
-    assert load_runs(tmp_path, "finetune", "abc") == rows[1:]
-    assert load_runs(tmp_path, "finetune", "torch-2.13") == rows[:1]
-    assert load_runs(tmp_path, "finetune") == rows
-    write_rows(runs_file(tmp_path, "finetune", "other_store"), rows[:1])
-    assert load_runs(tmp_path, "finetune", "abc", "other_store") == []
+    write_study(tmp_path, "s", STUDY)
+    method = resolve({"kind": "adamw"}, "linear")
+    rows = [{"key": run_key("finetune", method, 1e-3, seed, 600, "fp32", checkpoint), "task": "finetune",
+             "method": method, "lr": 1e-3, "seed": seed, "steps": 600, "final": 1.0 + seed}
+            for seed, checkpoint in ((0, "torch-2.13"), (1, "abc"))]
+    runs = tmp_path / "s" / "runs"
+    runs.mkdir()
+    (runs / "finetune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study = Study("s", root=tmp_path)
+    assert study.rows("finetune", "adamw", 1e-3, seeds=(0, 1)) == rows[1:]
+    assert len(Store(runs).rows) == 2
 
 
-def test_a_sweep_trains_what_is_missing_and_resumes(tmp_path, monkeypatch):
+def test_a_study_trains_what_is_missing_and_resumes(tmp_path, monkeypatch):
+    """A killed study loses no finished run: each is on file as it ends and a rerun reads it back untrained."""
     trained = []
 
-    def fake_train(self, spec, apo_args, lr, seed, precision):
-        trained.append((spec.name, lr, seed, precision))
-        return {"final": lr * (seed + 1)}
+    def fake_train(task, data, method, lr, seed, steps, eval_every, precision="fp32", callback=None):
+        trained.append((method["kind"], lr, seed, precision))
+        return {"final": lr * (seed + 1), "losses": [1.0, lr], "eval_steps": [0, steps], "diverged": False}
 
-    monkeypatch.setattr(Sweep, "_train", fake_train)
-    spec = MethodSpec("adamw", "adamw", lr=1e-3)
-    sweep = Sweep("teacher_student", tmp_path, quick=False, store="store", seeds=(0, 1))
-    assert [r["final"] for r in sweep.run("adamw", 1e-3, spec=spec)] == [1e-3, 2e-3]
-    sweep.run("adamw", 1e-3, spec=spec, precision="bf16_weights", seeds=(0,))
+    monkeypatch.setattr(runner, "train_in_process", fake_train)
+    monkeypatch.setattr(runner.TASKS["teacher_student"], "load", lambda quick: None)
+    write_study(tmp_path, "s", STUDY.replace('["teacher_student", "finetune"]', '["teacher_student"]')
+                + "\n[seeds]\nteacher_student = [0, 1]\n")
+    study = Study("s", root=tmp_path, training=True)
+    assert [r["final"] for r in study.rows("teacher_student", "adamw", 1e-3)] == [1e-3, 2e-3]
+    study.rows("teacher_student", "adamw", 1e-3, "bf16_weights", seeds=(0,))
     assert len(trained) == 3 and trained[-1][-1] == "bf16_weights"
-    rows = [json.loads(line) for line in runs_file(tmp_path, "teacher_student", "store").open()]
-    assert [r["seed"] for r in rows] == [0, 1, 0] and rows[0]["spec"]["name"] == "adamw"
-    assert rows[0]["steps"] == sweep_module.LONG_BUDGETS["teacher_student"][0]
+    path = tmp_path / "s" / "runs" / "teacher_student.jsonl"
+    rows = [json.loads(line) for line in path.open()]
+    assert [r["seed"] for r in rows] == [0, 1, 0] and rows[0]["method"] == ADAMW
+    assert rows[0]["steps"] == runner.TASKS["teacher_student"].budgets["long"][0]
+    with path.open("a") as out:
+        out.write('{"key": "cut by a ki')  # a line a kill cut short is ignored
 
-    again = Sweep("teacher_student", tmp_path, quick=False, store="store", seeds=(0, 1, 2))
-    assert [r["final"] for r in again.run("adamw", 1e-3, spec=spec)] == [1e-3, 2e-3, 3e-3]
+    again = Study("s", root=tmp_path, training=True)
+    assert [r["final"] for r in again.rows("teacher_student", "adamw", 1e-3, seeds=(0, 1, 2))] == [1e-3, 2e-3, 3e-3]
     assert len(trained) == 4 and trained[-1] == ("adamw", 1e-3, 2, "fp32")  # only seed 2 was missing
-    quick = Sweep("teacher_student", tmp_path, quick=True, store="store", seeds=(0, 1))
-    assert quick.seeds == (0,) and quick.steps == sweep_module.QUICK_BUDGET[0]
+    quick = Study("s", root=tmp_path, quick=True, runs=tmp_path / "quick")
+    assert quick.budget("teacher_student")[2] == (0,) and quick.budget("teacher_student")[0] == runner.QUICK_BUDGET[0]
 
 
 def test_mean_ranks_and_the_tie_break():
@@ -72,3 +118,8 @@ def test_mean_ranks_and_the_tie_break():
     scores = {"x": 1.5, "y": 1.6, "z": 3.0}
     assert ordered_by_rule(scores, 0.25, lambda n: (n != "y",)) == ["y", "x", "z"]
     assert ordered_by_rule(scores, 0.05, lambda n: (n != "y",)) == ["x", "y", "z"]
+    # a study's tie-break: fewer meta passes per step first, then a named preference
+    same = {"loss_batch": "same", "lambda_fsd": 10.0, "meta_interval": 10}
+    assert tie_key("a", same, ["meta_passes", {"name": "a"}]) == (0.15, False)
+    cheaper = {**same, "loss_batch": "next", "lambda_fsd": 0.0}
+    assert tie_key("b", cheaper, ["meta_passes", {"name": "a"}]) == (0.0, True)

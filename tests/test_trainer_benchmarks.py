@@ -1,87 +1,113 @@
-"""benchmarks/finetune.py and benchmarks/lora.py --quick run end to end and write one well-formed JSON line per run;
-a second finetune.py run resumes (lora.py runs the same ``finetune.run_grid``).
-
-Each runs in a subprocess, as a user runs it, so its torch thread setting cannot leak into other tests; the check that
-only the LoRA adapters train runs here, on the quick pretrained checkpoint the subprocess left in the cache.
-"""
+"""The Trainer tasks (finetune, lora) run end to end through the study runner in quick mode and store one
+well-formed row per run; a second run resumes; a LoRA run is reproducible bit for bit from its seed (the adapters are
+drawn after seeding)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"adamw": {"apo": "none"}, "apo_lr": {"apo": "lr"}}
-# the script, and the field its rows record the Trainer flags under
-SCRIPTS = {"finetune": "apo_args", "lora": "trainer_args"}
+sys.path.insert(0, str(REPO_ROOT))
 
-
-def run_quick(script: str, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out),
-         "--configs", json.dumps(CONFIGS)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return completed
+STUDY = """
+title = "t"
+question = "q"
+tasks = ["{task}"]
+[grids.adamw]
+method = {{ kind = "adamw" }}
+lrs = [1e-3]
+[cells]
+grid = "adamw"
+[methods]
+apo_lr = {{ kind = "apo_lr" }}
+"""
 
 
 def finite(values) -> bool:
     return bool(values) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
-def test_quick_writes_runs_and_resumes(tmp_path, script):
-    out = tmp_path / "runs.jsonl"
-    run_quick(script, out)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(row["config"] for row in rows) == ["adamw", "apo_lr"]
-    for row in rows:
-        assert row[SCRIPTS[script]] == CONFIGS[row["config"]] and row["quick"] is True
-        assert isinstance(row["learning_rate"], float) and row["seed"] == 0 and row["steps"] == 20
-        assert row["diverged"] is False
-        assert finite(row["eval_losses"]) and finite(row["train_losses"]) and finite(row["learning_rates"])
-        assert row["eval_steps"][0] == 0 and row["eval_steps"][-1] == row["steps"]
-        assert len(row["eval_steps"]) == len(row["eval_losses"]) and len(row["train_steps"]) == len(row["train_losses"])
-        assert row["final_eval_loss"] == row["eval_losses"][-1]
-        # adapting on the new direction (de→en) lowers the pretrained (en→de) model's loss on it
-        assert row["final_eval_loss"] < row["eval_losses"][0]
-        assert row["wall_s"] > 0 and row["environment"]["torch_threads"] == 1
-        assert math.isfinite(row["pretrained"]["eval_loss_en_de"])
-    by_config = {row["config"]: row for row in rows}
-    assert by_config["adamw"]["lr_multiplier"] == []
-    multipliers = by_config["apo_lr"]["lr_multiplier"]
-    assert len(multipliers) == len(by_config["apo_lr"]["train_losses"]) and finite(multipliers)
-    assert all(m > 0 for m in multipliers)
-    # the same step-0 model and data for both configs
-    assert by_config["adamw"]["eval_losses"][0] == by_config["apo_lr"]["eval_losses"][0]
+def run_quick(tmp_path: Path, task: str) -> list[dict]:
+    from benchmarks.runner import Study
 
-    if script == "finetune":  # resume: every run is already there (lora.py runs the same finetune.run_grid)
-        completed = run_quick(script, out)
-        assert out.read_text().count("\n") == len(rows)
-        assert "already in" in completed.stderr
+    (tmp_path / "s").mkdir(exist_ok=True)
+    (tmp_path / "s" / "study.toml").write_text(STUDY.format(task=task))
+    threads = torch.get_num_threads()
+    try:
+        study = Study("s", quick=True, runs=tmp_path / "runs", training=True, root=tmp_path)
+        study.run()
+    finally:
+        torch.set_num_threads(threads)
+    return list(study.store.rows.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["finetune", "lora"])
+def test_quick_writes_runs_and_resumes(tmp_path, task):
+    pytest.importorskip("peft")
+    rows = run_quick(tmp_path, task)
+    assert sorted(row["method"]["kind"] for row in rows) == ["adamw", "apo_lr"]
+    for row in rows:
+        assert row["method"]["schedule"] == "linear"  # the Trainer's default, written out in the row
+        assert isinstance(row["lr"], float) and row["seed"] == 0 and row["steps"] == 30
+        assert row["diverged"] is False
+        assert finite(row["losses"]) and finite(row["train_losses"]) and finite(row["learning_rates"])
+        assert row["eval_steps"][0] == 0 and row["eval_steps"][-1] == row["steps"]
+        assert len(row["eval_steps"]) == len(row["losses"]) and len(row["train_steps"]) == len(row["train_losses"])
+        assert row["final"] == row["losses"][-1]
+        # adapting on the new direction (de→en) lowers the pretrained (en→de) model's loss on it
+        assert row["final"] < row["losses"][0]
+        assert row["wall_s"] > 0 and row["environment"]["threads"] == 1
+        assert row["checkpoint"]
+    by_kind = {row["method"]["kind"]: row for row in rows}
+    assert by_kind["adamw"]["lr_multiplier"] == []
+    multipliers = by_kind["apo_lr"]["lr_multiplier"]
+    assert len(multipliers) == len(by_kind["apo_lr"]["train_losses"]) and finite(multipliers)
+    assert all(m > 0 for m in multipliers)
+    # the same step-0 model and data for both methods
+    assert by_kind["adamw"]["losses"][0] == by_kind["apo_lr"]["losses"][0]
+
+    if task == "finetune":  # resume: every run is already there
+        assert len(run_quick(tmp_path, task)) == len(rows)
     else:
         assert_only_the_adapters_train()
 
 
 def assert_only_the_adapters_train():
     """The base model's weights, embeddings and lm_head are frozen; an A and a B for every targeted projection."""
-    sys.path.insert(0, str(REPO_ROOT))
-    from benchmarks.lora import CACHE_ROOT, LORA, lora_model
+    from benchmarks.tasks._trainer import pretrained_dir
+    from benchmarks.tasks.lora import LORA, lora_model
 
-    model = lora_model(CACHE_ROOT / "lora_pretrained_quick")
+    model = lora_model(pretrained_dir("lora", quick=True), seed=0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in name or "lora_B" in name for name in trainable)
     assert len(trainable) == 2 * 2 * len(LORA["target_modules"])  # both layers
     frozen = [p for name, p in model.named_parameters() if "embed_tokens" in name or "lm_head" in name]
     assert frozen and not any(p.requires_grad for p in frozen)
+
+
+@pytest.mark.slow
+def test_a_lora_run_is_reproducible_from_its_seed():
+    """The adapters are drawn after seeding: the same seed gives the same adapters and the same run, bit for bit."""
+    pytest.importorskip("peft")
+    from benchmarks.tasks import lora
+    from benchmarks.tasks._trainer import pretrained_dir
+
+    lora.checkpoint(quick=True)
+    models = [lora.lora_model(pretrained_dir("lora", True), seed) for seed in (0, 0, 1)]
+    adapters = [{n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} for model in models]
+    assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+    assert not all(torch.equal(adapters[0][n], adapters[2][n]) for n in adapters[0])
+    threads = torch.get_num_threads()
+    try:
+        first, second = (lora.run({"apo": "none"}, 1e-2, 0, 6, 3, True) for _ in range(2))
+    finally:
+        torch.set_num_threads(threads)
+    assert first["losses"] == second["losses"] and first["train_losses"] == second["train_losses"]
