@@ -30,7 +30,7 @@ from test_checkpoint_safety import leaf_types, load_with_default_globals_only
 from tiny import CopyDataset
 
 VARIANTS = ("lr", "lr_next", "precond", "precond_adamw", "precond_split")
-RESUMED = ("lr_next", "precond_adamw", "precond_split")
+RESUMED = ("lr_next", "precond", "precond_adamw", "precond_split")  # lr: the same state as lr_next, less
 STEPS = 30
 GLOBAL_BATCH = 8
 
@@ -211,10 +211,10 @@ def test_fsdp2_optimizer_files_hold_plain_local_shards(runs):
 
 
 def test_fsdp2_sigkill_then_resume_continues_the_uninterrupted_run(runs, tmp_path):
-    """The variants with the most state (APO-LR's pending look-ahead and D, APO-Precond's factors and AdamW moments)
-    save every rank's model and optimizer state (sharded) at step 5; both processes are SIGKILLed at step 8 of the
-    last variant; fresh processes resume all of them from step 5 and must end bitwise equal to the uninterrupted
-    runs. (The Trainer's FSDP2 resume: tests/test_distributed.py.)"""
+    """The variants with the most state (APO-LR's pending look-ahead and D, APO-Precond's factors, momentum and AdamW
+    moments) save every rank's model and optimizer state (sharded) at step 5; both processes are SIGKILLed at step 8
+    of the last variant; fresh processes resume all of them from step 5 and must end bitwise equal to the
+    uninterrupted runs. (The Trainer's FSDP2 resume: tests/test_distributed.py.)"""
     results, codes = run_on_ranks(train_all, "fsdp", RESUMED, str(tmp_path), 5, 8, check=False)
     assert all(code != 0 for code in codes)
     assert results == [None, None]  # neither rank got to the end of the last variant
