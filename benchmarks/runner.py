@@ -31,6 +31,7 @@ import torch
 
 from benchmarks import optimizers, score
 from benchmarks.tasks import QUICK_BUDGET, TASKS, Task, TaskData
+from hf_apo.batches import default_forward, get_output
 
 STUDIES = Path(__file__).resolve().parent / "studies"
 BF16 = torch.bfloat16
@@ -98,8 +99,6 @@ def environment() -> dict:
 def train_step(model, optimizer, batch, forward, scheduler=None) -> torch.Tensor:
     """The plain loop every optimizer shares: forward, backward, ``observe(batch)`` for APO, step, zero_grad (then the
     schedule). No clipping, no scaler, so the differences are the optimizers' own."""
-    from hf_apo.batches import get_output
-
     loss = get_output(forward(model, batch), "loss")
     loss.backward()
     if hasattr(optimizer, "observe"):
@@ -112,8 +111,6 @@ def train_step(model, optimizer, batch, forward, scheduler=None) -> torch.Tensor
 
 
 def autocast_forward(model, batch):
-    from hf_apo.batches import default_forward
-
     with torch.autocast("cpu", dtype=BF16):
         return default_forward(model, batch)
 
@@ -127,8 +124,6 @@ def set_eval_mode(optimizer, evaluating: bool) -> None:
 @torch.no_grad()
 def evaluate(model, optimizer, batches: list[dict], precision: str) -> float:
     """Mean loss per example (per target token for sequences) over ``batches``, computed in float32."""
-    from hf_apo.batches import default_forward, get_output
-
     set_eval_mode(optimizer, True)
     eval_model = copy.deepcopy(model).float() if precision == "bf16_weights" else model
     was_training = eval_model.training
@@ -156,8 +151,6 @@ def train_in_process(task: Task, data: TaskData, method: dict, lr: float, seed: 
                      precision: str = "fp32", callback=None) -> dict:
     """Train one model with one optimizer; the validation curve, its timing and APO-LR's learned multiplier.
     ``callback(step, optimizer)`` runs after every step, outside the timed part."""
-    from hf_apo.batches import default_forward
-
     model, dtype, forward = data.build_model(seed), torch.float32, default_forward
     if precision == "bf16_weights":
         model, dtype = model.to(BF16), BF16

@@ -1,4 +1,4 @@
-"""The benchmarks run end to end in their quick modes and report by their rules (about a minute together); the
+"""The benchmarks run end to end in their quick modes and report by their rules (slow: minutes together); the
 committed reports regenerate from their runs byte for byte."""
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the benchmarks are beside the package, not installed with it
