@@ -93,6 +93,32 @@ def test_overhead_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_quality_quick(tmp_path):
+    """Squared error on tabular data and seq2seq token cross-entropy (KL between output distributions): every method
+    of the short-budget study runs, the claims come out as targets, bf16 changes are measured."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from benchmarks.runner import load_config
+
+    tasks = ["diabetes", "translation"]
+    report = quick("quality", tmp_path, *tasks)
+    config = load_config("quality")
+    assert sorted(c["task"] for c in report["cells"]) == sorted(tasks)
+    for cell in report["cells"]:
+        for name in ("apo_lr_1e-03", "apo_precond_sgdm", "apo_precond_sgd", "prodigy", "sf_adamw", "soap"):
+            assert positive_finite(cell[name]), (cell["task"], name, cell[name])
+        for grid in ("adamw", "adamw_decay", "sgdm", "sgd"):
+            assert report["grids"][cell["task"]][grid], (cell["task"], grid)
+    apo = [r for t in tasks for r in rows_of(tmp_path, t) if r["method"]["kind"] == "apo_lr"]
+    assert apo and all(r["lr_multiplier"] for r in apo), "APO-LR records its learned LR"
+    assert {p["task"] for p in report["precision"]} == set(tasks)
+    assert all(math.isfinite(p["change"]) for p in report["precision"])
+    assert {t["target"] for t in report["targets"]} == {t["text"] for t in config["targets"]}
+    assert "## Targets" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
 def test_apo_lr_defaults_quick_applies_the_rule(tmp_path):
     """Stage 1 on the three small tasks (30 steps, 1 seed), then the report: a ranking, finalists, targets."""
     pytest.importorskip("sklearn")
