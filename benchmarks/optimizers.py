@@ -93,9 +93,7 @@ def scheduler(optimizer, schedule: str, warmup_fraction: float, total_steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the builders
-# ---------------------------------------------------------------------------------------------------------------
+# the builders ---------------------------------------------------------------------------------------------------------
 @builder
 def adamw(ctx, lr, weight_decay=0.0):
     return torch.optim.AdamW(ctx.params, lr=lr, weight_decay=weight_decay)
@@ -197,9 +195,7 @@ def shampoo(ctx, lr, weight_decay=0.0):
     return heavyball_eager().KLShampoo(ctx.params, lr=lr, weight_decay=weight_decay)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# a method under the Hugging Face Trainer (the finetune and lora tasks)
-# ---------------------------------------------------------------------------------------------------------------
+# a method under the Hugging Face Trainer (the finetune and lora tasks) ------------------------------------------------
 TRAINER_SCHEDULES = {"linear": {}, "constant": {"lr_scheduler_type": "constant"},
                      "warmup_cosine": {"lr_scheduler_type": "cosine"}}
 APO_FLAGS = ("loss_batch", "lambda_fsd", "lambda_wsd", "horizon", "meta_interval", "meta_lr", "meta_batch_fraction",

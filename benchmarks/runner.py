@@ -37,9 +37,7 @@ STUDIES = Path(__file__).resolve().parent / "studies"
 BF16 = torch.bfloat16
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the store
-# ---------------------------------------------------------------------------------------------------------------
+# the store ------------------------------------------------------------------------------------------------------------
 def lr_key(lr: float) -> float:
     """An LR as a key: 6 significant digits, so one read back from a file matches the same LR computed again."""
     return float(f"{lr:.6g}")
@@ -93,9 +91,7 @@ def environment() -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "git_commit": commit}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# one run
-# ---------------------------------------------------------------------------------------------------------------
+# one run --------------------------------------------------------------------------------------------------------------
 def train_step(model, optimizer, batch, forward, scheduler=None) -> torch.Tensor:
     """The plain loop every optimizer shares: forward, backward, ``observe(batch)`` for APO, step, zero_grad (then the
     schedule). No clipping, no scaler, so the differences are the optimizers' own."""
@@ -200,9 +196,7 @@ def train_with_trainer(task: Task, method: dict, lr: float, seed: int, steps: in
             "lr_multiplier_every": every * result["lr_multiplier_every"]}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# a study
-# ---------------------------------------------------------------------------------------------------------------
+# a study --------------------------------------------------------------------------------------------------------------
 def study_names() -> list[str]:
     return sorted(p.parent.name for p in STUDIES.glob("*/study.toml"))
 
