@@ -15,10 +15,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import optimizers, runner
+from benchmarks.report import table
 
 SIZES = {"d64": (64, 256, 2), "tiny": (128, 512, 4), "d256": (256, 1024, 8), "d512": (512, 2048, 8),
          "d1024": (1024, 4096, 16)}  # d_model, d_ff, heads (T5 convention d_ff = 4·d_model)
 VOCAB, BATCH = 1000, 32
+COLUMNS = ["method", "step ms", "step ×AdamW", "plain step ×AdamW", "meta step (AdamW steps)", "peak ×AdamW",
+           "state / params", "params+grads+state ×AdamW"]
 
 
 def build_model(size: str, device: str):
@@ -170,16 +173,12 @@ def report(study: str, runs: Path | None = None, output: Path | None = None) -> 
                   f"{record['settings'].get('seq_len', 16)} tokens per example; wall clock {env.get('wall_clock_s')} s"
                   + (f"; `{env['command']}`" if env.get("command") else "") + ".", ""]
         for size, entry in record["sizes"].items():
+            rows = [[name] + ["—" if c is None else f"{c:.4g}" for c in (
+                m["step_s"] * 1e3, m["step_ratio"], m.get("plain_step_ratio"), m.get("meta_step_in_adamw_steps"),
+                m.get("peak_mem_ratio"), m["state_over_params"], m["state_mem_ratio"])]
+                for name, m in entry["methods"].items()]
             lines += [f"### {size}: {entry['param_count']:,} parameters, AdamW step "
-                      f"{entry['adamw_step_s'] * 1e3:.1f} ms", "", "| method | step ms | step ×AdamW | plain step "
-                      "×AdamW | meta step (AdamW steps) | peak ×AdamW | state / params | params+grads+state ×AdamW |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for name, m in entry["methods"].items():
-                cells = [m["step_s"] * 1e3, m["step_ratio"], m.get("plain_step_ratio"),
-                         m.get("meta_step_in_adamw_steps"), m.get("peak_mem_ratio"), m["state_over_params"],
-                         m["state_mem_ratio"]]
-                lines.append(f"| {name} | " + " | ".join("—" if c is None else f"{c:.4g}" for c in cells) + " |")
-            lines.append("")
+                      f"{entry['adamw_step_s'] * 1e3:.1f} ms", "", *table(COLUMNS, rows), ""]
     path = Path(output or runner.STUDIES / study) / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip() + "\n")
