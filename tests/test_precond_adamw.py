@@ -337,4 +337,4 @@ def test_constructor_refuses_what_adamw_does_not_take():
 
 
 # FSDP2 (2 gloo processes, against DDP and one process, and SIGKILL + resume): the "precond_adamw" variant of
-# tests/scripts/train_fsdp.py, run by tests/test_fsdp.py.
+# tests/test_fsdp.py (its processes forked by tests/distributed_testing.py).
