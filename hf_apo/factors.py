@@ -27,6 +27,7 @@ import torch
 from .distributed import is_sharded, local_tensor
 
 SMALL_SIDE = 64  # a dense factor this small costs next to nothing, whatever the other side
+SPARSE_ROWS = 4096  # a diagonal row side this long skips the rows of P's input that are zero (a vocabulary's)
 
 
 def _dense(side: int, other_side: int, max_factor_dim: int) -> bool:
@@ -37,6 +38,20 @@ def _dense(side: int, other_side: int, max_factor_dim: int) -> bool:
 def _materialize(factor: torch.Tensor) -> torch.Tensor:
     """AAᵀ for a dense factor, a² (the diagonal) for a diagonal one."""
     return factor @ factor.T if factor.dim() == 2 else factor * factor
+
+
+def _add_sparse_rows_(target, g, left, right, alpha: float) -> bool:
+    """target += alpha · diag(left)·g·right over the rows where g is not zero, when g has ``SPARSE_ROWS`` rows or more
+    and half of them or more are zero (e.g. an input embedding's rows of the tokens never seen, m = 0); P(G)'s row r is
+    l_r·(G_r·R), so a zero row moves nothing. False (nothing done) otherwise."""
+    if g.shape[0] < SPARSE_ROWS:
+        return False
+    rows = g.ne(0).any(dim=1).nonzero().squeeze(1)
+    if 2 * rows.numel() > g.shape[0]:
+        return False
+    touched = g.index_select(0, rows).mul_(left.index_select(0, rows)[:, None])
+    target.index_add_(0, rows, touched @ right, alpha=alpha)
+    return True
 
 
 class KroneckerFactors:
@@ -84,37 +99,71 @@ class KroneckerFactors:
             self._cache = [_materialize(t) for t in self.tensors]
         self.is_identity = False
 
-    def _apply(self, grad: torch.Tensor, materialized: list[torch.Tensor]) -> torch.Tensor:
+    def _apply(self, grad: torch.Tensor, materialized: list[torch.Tensor], owned: bool = False) -> torch.Tensor:
+        """P(grad) in the factor dtype. ``owned``: ``grad`` is a temporary the caller gives up, so the element-wise
+        products run in place in it (the same values: a parameter-size temporary fewer per diagonal side or scale)."""
         g = grad.to(self.dtype)
+        owned = owned or g is not grad  # a cast is a fresh copy
         if len(materialized) == 1:
-            return materialized[0] * g
+            return g.mul_(materialized[0]) if owned else materialized[0] * g
         left, right = materialized
         g = g.reshape(g.shape[0], -1)
-        g = left @ g if left.dim() == 2 else left[:, None] * g
-        g = g @ right if right.dim() == 2 else g * right[None, :]
+        if left.dim() == 2:
+            g = left @ g
+        else:
+            g = g.mul_(left[:, None]) if owned else left[:, None] * g
+        g = g @ right if right.dim() == 2 else g.mul_(right[None, :])  # g is a fresh product here
         return g.reshape(self.param_shape)
 
-    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
-        """P(grad) with the cached factors, in the gradient's dtype; ``grad`` itself while P is the identity."""
+    def precondition(self, grad: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """P(grad) with the cached factors, in the gradient's dtype; ``grad`` itself while P is the identity.
+        ``owned``: ``grad`` may be overwritten (:meth:`_apply`)."""
         if self.is_identity:
             return grad
-        return self._apply(grad, self._cache).to(grad.dtype)
+        return self._apply(grad, self._cache, owned).to(grad.dtype)
 
-    def precondition_full(self, grad: torch.Tensor) -> torch.Tensor:
-        """P(grad) in the factor dtype (float32 for a bf16 gradient), with the current factors."""
-        return self._apply(grad, self._materialized())
+    def precondition_full(self, grad: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """P(grad) in the factor dtype (float32 for a bf16 gradient), with the current factors; ``owned`` as above."""
+        return self._apply(grad, self._materialized(), owned)
 
-    def vjp(self, grad: torch.Tensor, cotangent: torch.Tensor) -> list[torch.Tensor]:
+    def add_preconditioned_(self, target: torch.Tensor, grad: torch.Tensor, alpha: float, cached: bool = True,
+                            owned: bool = False) -> None:
+        """target += alpha · P(grad) in place, with the cached factors (``cached``) or the current ones; ``owned`` as
+        in :meth:`_apply`. A dense right side's product is accumulated into the target by ``addmm_``, without a
+        parameter-size temporary for P(grad); it rounds α·(G·R) + θ once where ``add_`` rounds G·R first (within an
+        ulp of θ). A diagonal row side of ``SPARSE_ROWS`` or more rows, half of them zero in ``grad`` or more, updates
+        the other rows only (``index_add_``): a zero row of P(grad) leaves θ's row as it is. A target in another dtype
+        than the factors' gets P(grad) cast to it, then ``add_``."""
+        materialized = self._cache if cached else self._materialized()
+        if len(materialized) == 1 or materialized[1].dim() != 2 or target.dtype != self.dtype \
+                or not target.is_contiguous():
+            target.add_(self._apply(grad, materialized, owned).to(target.dtype), alpha=alpha)
+            return
+        left, right = materialized
+        g = grad.to(self.dtype)
+        owned = owned or g is not grad  # a cast is a fresh copy
+        g = g.reshape(g.shape[0], -1)
+        if left.dim() == 2:
+            g = left @ g
+        elif _add_sparse_rows_(target.view(g.shape), g, left, right, alpha):
+            return
+        else:
+            g = g.mul_(left[:, None]) if owned else left[:, None] * g
+        target.view(g.shape).addmm_(g, right, alpha=alpha)
+
+    def vjp(self, grad: torch.Tensor, cotangent: torch.Tensor, owned: bool = False) -> list[torch.Tensor]:
         """∂⟨U, P_φ(G)⟩/∂t for each factor tensor t (U = ``cotangent``, G = ``grad``), by hand, in the factor dtype.
 
         With L = AAᵀ, R = BBᵀ and P(G) = L·G·R:  ∂/∂L = U·(G·R)ᵀ = (U·R)·Gᵀ and ∂/∂R = (L·G)ᵀ·U = Gᵀ·(L·U), then
         ∂/∂A = (M + Mᵀ)·A for M = ∂/∂L (a diagonal side a: ∂/∂a = 2a ⊙ diag(M), only the diagonal is formed).
         Two matmuls per dense side and one parameter-size temporary at a time: no autograd graph, no L·G or G·R kept.
+        ``owned``: the cotangent is a temporary the caller gives up; the element-wise products then run in place.
         """
         g = grad.to(self.dtype)
         u = cotangent.to(self.dtype)
+        owned = owned or u is not cotangent
         if len(self.tensors) == 1:
-            return [2 * self.scale * (u * g).sum()]
+            return [2 * self.scale * (u.mul_(g) if owned else u * g).sum()]
         left, right = self._materialized()
         g = g.reshape(g.shape[0], -1)
         u = u.reshape(u.shape[0], -1)
@@ -124,15 +173,18 @@ class KroneckerFactors:
             m = ur @ g.T
             grad_left = (m + m.T) @ self.left
         else:
-            grad_left = 2 * self.left * (ur * g).sum(dim=1)
+            grad_left = 2 * self.left * ur.mul_(g).sum(dim=1)  # ur is a fresh product
         del ur
         # right side: N = Gᵀ·(L·U)
-        lu = left @ u if left.dim() == 2 else left[:, None] * u
+        if left.dim() == 2:
+            lu = left @ u
+        else:
+            lu = u.mul_(left[:, None]) if owned else left[:, None] * u
         if self.right.dim() == 2:
             n = g.T @ lu
             grad_right = (n + n.T) @ self.right
         else:
-            grad_right = 2 * self.right * (g * lu).sum(dim=0)
+            grad_right = 2 * self.right * lu.mul_(g).sum(dim=0)  # lu is a fresh product or the owned U
         return [grad_left, grad_right]
 
     def squared_norms(self) -> torch.Tensor:

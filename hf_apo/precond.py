@@ -191,7 +191,7 @@ class APOPrecond(MetaLearnedOptimizer):
                 local.copy_(theta[index])
                 theta[index] = None
                 meta_grads.extend(factors.vjp(self.rule.preconditioned_input(p, param_group[index], self.state),
-                                               u.mul_(scale)))
+                                               u.mul_(scale), owned=True))
         return meta_grads, proximity
 
     @torch.no_grad()
@@ -233,14 +233,14 @@ class APOPrecond(MetaLearnedOptimizer):
     def _step_factors(self, params, meta_grads, objective, proximity) -> bool:
         """Reduce the factors' meta-gradient (over shards, then ranks), guard it, take the meta step, and with
         ``shape_only`` renormalize the factors; False (factors unchanged) when Q or the gradient is not finite."""
-        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in meta_grads])
         self.last_meta_gradient = meta_grads
-        # sharded: the VJP's sums over the rows (dense right factors, scales) and ‖Δ‖² are this rank's part, made
-        # whole; a diagonal row factor's entries belong to this rank's rows and stay as they are
-        partial = torch.cat([torch.full((t.numel(),), summed, device=flat.device) for p in params
-                             for t, summed in zip(self.factors[p].tensors, self.factors[p].summed_over_shards)])
-        flat = torch.cat([flat, proximity.reshape(1).to(flat.device)])
-        self.layout.sum_over_shards_where(flat, torch.cat([partial, partial.new_ones(1)]))
+        flat = torch.cat([*(g.reshape(-1) for g in meta_grads), proximity.reshape(1).to(meta_grads[0].device)], dim=0)
+        if self.layout.sharded:
+            # the VJP's sums over the rows (dense right factors, scales) and ‖Δ‖² are this rank's part, made whole; a
+            # diagonal row factor's entries belong to this rank's rows and stay as they are
+            partial = torch.cat([torch.full((t.numel(),), summed, device=flat.device) for p in params
+                                 for t, summed in zip(self.factors[p].tensors, self.factors[p].summed_over_shards)])
+            self.layout.sum_over_shards_where(flat, torch.cat([partial, partial.new_ones(1)]))
         flat, objective = flat[:-1], objective + flat[-1]
         if not self._reduce_and_check(flat, objective.to(flat.device)):
             return False

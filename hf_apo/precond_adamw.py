@@ -18,8 +18,9 @@ torch.optim.AdamW's single-tensor step. Exactness:
   stochastic rounding); also bitwise equal to ``foreach=True`` on CPU (tested). Against ``fused=True`` (CPU: it differs
   from torch's own single-tensor step by up to 1.2e-7 relative in the same test) and the CUDA kernels of
   ``foreach``/``fused`` (torch's CUDA defaults), equality is only up to their rounding (untested on CUDA).
-* learned factors: θ.add_(P(m / denom), alpha=−η/(1 − β₁ᵗ)), i.e. the quotient is rounded before it is scaled, where
-  ``addcdiv`` scales first. Factors that are exactly I but taken through this path differ from torch.optim.AdamW by
+* learned factors: θ += −η/(1 − β₁ᵗ) · P(m / denom), the last product of a dense right side accumulated into θ by
+  ``addmm_`` (:meth:`~hf_apo.factors.KroneckerFactors.add_preconditioned_`), so the quotient is rounded before it is
+  scaled, where ``addcdiv`` scales first. Factors that are exactly I but taken through this path differ from torch's by
   that rounding only: measured at most 1.5e-7 relative (max |Δθ| / max |θ| per tensor, 50 float32 steps; the test
   allows 1e-6), the size of torch's own fused-vs-single-tensor difference.
 
@@ -105,12 +106,14 @@ class AdamWRule:
             step += 1
             exp_avg = exp_avg.lerp(grad, 1 - beta1)
             exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom, step_size = _denom_and_step_size(exp_avg_sq, step, group, group["lr"], self.rounding.applies(p))
+        wide = self.rounding.applies(p)
+        denom, step_size = _denom_and_step_size(exp_avg_sq, step, group, group["lr"], wide, owned=not write)
         return exp_avg, denom, step_size
 
     def adam_input(self, p: torch.Tensor, exp_avg: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-        """m / denom, the tensor P acts on (u = that / (1 − β₁ᵗ)); float32 for a stochastically rounded bf16 one."""
-        return (exp_avg.float() if self.rounding.applies(p) else exp_avg) / denom
+        """m / denom, the tensor P acts on (u = that / (1 − β₁ᵗ)); float32 for a stochastically rounded bf16 one.
+        Written into ``denom`` (the same values as ``m / denom``: one parameter-size temporary fewer)."""
+        return torch.div(exp_avg.float() if self.rounding.applies(p) else exp_avg, denom, out=denom)
 
     def step_(self, index: int, group, params, state, factors) -> None:
         """The real AdamW step of one group with the current factors (see the module docstring for where it is
@@ -124,14 +127,13 @@ class AdamWRule:
             exp_avg, denom, step_size = self.moments(p, group, state, write=True)
             if wide:
                 with no_autocast(p):
-                    update = factors[p].precondition(self.adam_input(p, exp_avg, denom))
+                    update = factors[p].precondition(self.adam_input(p, exp_avg, denom), owned=True)
                 self.rounding.add_(target, update, -step_size, decay=decay)
             elif factors[p].is_identity:
                 target.addcdiv_(exp_avg, denom, value=-step_size)  # torch.optim.AdamW's own op
             else:
                 with no_autocast(p):
-                    update = factors[p].precondition(self.adam_input(p, exp_avg, denom))
-                target.add_(update, alpha=-step_size)
+                    factors[p].add_preconditioned_(target, self.adam_input(p, exp_avg, denom), -step_size, owned=True)
 
     def lookahead_(self, group, params, state, factors) -> list[float]:
         """θ ← θ′ = θ·(1 − ηω) − η/(1 − β₁ᵗ) · P_φ(m / denom) in place, with the current (not cached) factors and
@@ -140,12 +142,12 @@ class AdamWRule:
         for p in params:
             target = local_tensor(p)
             exp_avg, denom, step_size = self.moments(p, group, state, write=False)
-            with no_autocast(p):
-                update = factors[p].precondition_full(self.adam_input(p, exp_avg, denom)).to(p.dtype)
-            del exp_avg, denom
             if group["weight_decay"] != 0:
                 target.mul_(1 - group["lr"] * group["weight_decay"])
-            target.add_(update, alpha=-step_size)
+            with no_autocast(p):
+                factors[p].add_preconditioned_(target, self.adam_input(p, exp_avg, denom), -step_size, cached=False,
+                                               owned=True)
+            del exp_avg, denom
             scales.append(-step_size)
         return scales
 
@@ -176,8 +178,9 @@ class AdamWRule:
                 exp_avg, exp_avg_sq, step = state[p]["exp_avg"], state[p]["exp_avg_sq"], float(state[p]["step"])
                 denom, step_size = _denom_and_step_size(exp_avg_sq, step, group, lr, self.rounding.applies(p))
                 with no_autocast(p):
-                    cotangent = local_tensor(p.grad).to(factors[p].dtype).mul_(-step_size)
-                    meta_grads.extend(factors[p].vjp(self.adam_input(p, exp_avg, denom), cotangent))
+                    # a new tensor: the real step still needs .grad (an in-place mul_ would scale it)
+                    cotangent = local_tensor(p.grad).to(factors[p].dtype).mul(-step_size)
+                    meta_grads.extend(factors[p].vjp(self.adam_input(p, exp_avg, denom), cotangent, owned=True))
                 params.append(p)
         return params, meta_grads
 
@@ -218,13 +221,18 @@ def check_objective(objective: ProximalObjective | None, base: str) -> None:
         )
 
 
-def _denom_and_step_size(exp_avg_sq: torch.Tensor, step: float, group: dict[str, Any], lr: float, wide: bool):
+def _denom_and_step_size(exp_avg_sq: torch.Tensor, step: float, group: dict[str, Any], lr: float, wide: bool,
+                         owned: bool = False):
     """denom = √v / √(1 − β₂ᵗ) + ε and the step size η / (1 − β₁ᵗ), with torch.optim.AdamW's ops in its order (v in
-    float32 for a stochastically rounded bf16 parameter, ``wide``)."""
+    float32 for a stochastically rounded bf16 parameter, ``wide``). The division and ε run in place in the new √v,
+    and with ``owned`` (v is a temporary) so does the square root: the same values, fewer parameter-size
+    temporaries."""
     beta1, beta2 = group["betas"]
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = ((exp_avg_sq.float() if wide else exp_avg_sq).sqrt() / bias_correction2_sqrt).add_(group["eps"])
+    source = exp_avg_sq.float() if wide else exp_avg_sq
+    root = source.sqrt_() if owned or source is not exp_avg_sq else source.sqrt()
+    denom = root.div_(bias_correction2_sqrt).add_(group["eps"])
     return denom, lr / bias_correction1
 
 
