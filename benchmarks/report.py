@@ -187,6 +187,7 @@ class Report:
                     rows.append([task, steps, len(seeds), grid, f"{best:g}", fmt(values[best]),
                                  " · ".join(f"{lr:g}: {fmt(v)}" for lr, v in values.items())])
         lines += table(["task", "steps", "seeds", "grid", "best LR", "its value", "LR: value"], rows) + [""]
+        lines += self.runs_in_progress(summary)
         lines += ["## The rule", ""]
         for number, stage in enumerate(self.rule["stages"], start=1):
             ranks = sorted(stage["mean_ranks"].items(), key=lambda kv: kv[1])
@@ -243,6 +244,26 @@ class Report:
                  (f"{t['passing']}: " if "passing" in t else "") + t["detail"]] for t in summary["targets"]]), ""]
         lines += [f"![{f}]({f})" for f in figures]
         return "\n".join(lines).rstrip() + "\n"
+
+    def runs_in_progress(self, summary: dict) -> list[str]:
+        """While a task's grid is unfinished: every run on file, by the study's name of its method (nothing once
+        every grid is complete, so a finished study's report does not change). Step 0 → final shows how far from
+        saturation a run is."""
+        unfinished = [t for t in self.study.tasks if any(v is None and self.study.runs_on(t, g)
+                                                         for g, v in summary["grids"][t].items())]
+        names = [*self.config.get("grids", {}), *self.config.get("methods", {})]
+        body = []
+        for task in unfinished:
+            methods = {n: self.study.method(task, n) for n in names}
+            for row in sorted(self.study.store.rows.values(), key=lambda r: (r["lr"], r["seed"])):
+                name = next((n for n, m in methods.items() if m == row["method"] and row["task"] == task), None)
+                if name is not None:
+                    body.append([task, name, f"{row['lr']:g}", row["seed"], row["steps"],
+                                 f"{fmt(row['losses'][0])} → {fmt(row['final'])}"])
+        if not body:
+            return []
+        return ["## Runs on file (the study is not finished)", "", *table(
+            ["task", "method", "LR", "seed", "steps", "validation loss, step 0 → final"], body), ""]
 
     # figures --------------------------------------------------------------------------------------------------------
     def plot(self, spec: dict, path: Path) -> bool:

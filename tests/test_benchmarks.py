@@ -58,6 +58,36 @@ def test_committed_report_regenerates_byte_for_byte(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["winner"] == "split_same"
 
 
+def test_an_unfinished_study_lists_its_runs_and_a_finished_one_does_not(tmp_path):
+    """Until every LR of a task's grid has every seed, the report lists the runs on file (step 0 → final); with the
+    grid complete that section goes and the grid's table takes over. No training: rows written under their keys."""
+    from benchmarks import optimizers, report, runner
+
+    root = tmp_path / "studies"
+    (root / "tiny").mkdir(parents=True)
+    (root / "tiny" / "study.toml").write_text(
+        'title = "t"\nquestion = "q"\nbudget = "long"\ntasks = ["teacher_student"]\n'
+        'seeds = { teacher_student = [0, 1] }\n[grids.adamw_linear]\nmethod = { kind = "adamw", schedule = "linear" }\n'
+        'lrs = [1e-3, 1e-2]\n[cells]\ngrid = "adamw_linear"\n[methods]\n')
+    method = optimizers.resolve({"kind": "adamw", "schedule": "linear"})
+    steps = runner.Study("tiny", root=root).budget("teacher_student")[0]
+    store = runner.Store(root / "tiny" / "runs")
+
+    def add(lr, seed, final):
+        key = runner.run_key("teacher_student", method, lr, seed, steps)
+        store.append({"key": key, "task": "teacher_student", "method": method, "lr": lr, "seed": seed,
+                      "steps": steps, "precision": "fp32", "losses": [2.0, final], "final": final})
+
+    add(1e-3, 0, 0.5), add(1e-2, 0, 0.25), add(1e-2, 1, 0.75)
+    text = (tmp_path / "out" / "report.md").read_text() if report.write(runner.Study("tiny", root=root),
+                                                                      tmp_path / "out") else ""
+    assert "## Runs on file" in text and "| teacher_student | adamw_linear | 0.01 | 1 |" in text and "2 → 0.75" in text
+    add(1e-3, 1, 0.5)  # the grid complete: 1e-3 is best (0.5 against the mean 0.5 of 0.25 and 0.75: the first)
+    report.write(runner.Study("tiny", root=root), tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Runs on file" not in text and "| teacher_student |" in text.split("## The rule")[0]
+
+
 @pytest.mark.slow
 def test_overhead_quick(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
