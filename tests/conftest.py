@@ -9,13 +9,15 @@ import torch
 torch.set_num_threads(1)
 
 
-# The longest files first, by `pytest --durations=0` (seconds summed per file, on 2 cores busy with other work: the
-# order is what counts): the slow tier's test_benchmarks 430, test_example_translation 320, test_trainer_benchmarks
-# 220, test_distributed 190, test_hub_offline 95; the fast tier's test_trainer 90, test_theorem1 65, test_fsdp 35,
-# test_peft 30. pytest-xdist (``--dist loadfile``) hands whole files to its two workers in collection order, so these
-# go first and the short files fill in behind them; otherwise a long file taken last keeps one worker busy alone.
-LONG_FILES = ("test_benchmarks.py", "test_example_translation.py", "test_trainer_benchmarks.py", "test_distributed.py",
-              "test_hub_offline.py", "test_trainer.py", "test_theorem1.py", "test_fsdp.py", "test_peft.py")
+# The longest files first, by `pytest --durations=0` (seconds summed per file; the order is what counts): the slow
+# tier's test_benchmarks (the quality study's quick run split between it and test_benchmarks_quality, so that both
+# workers share it), test_example_translation, test_trainer_benchmarks, test_distributed, test_hub_offline; the fast
+# tier's test_trainer, test_theorem1, test_fsdp, test_peft. pytest-xdist (``--dist loadfile``) hands whole files to
+# its two workers in collection order, so these go first and the short files fill in behind them; otherwise a long
+# file taken last keeps one worker busy alone.
+LONG_FILES = ("test_benchmarks_quality.py", "test_benchmarks.py", "test_example_translation.py",
+              "test_trainer_benchmarks.py", "test_distributed.py", "test_hub_offline.py", "test_trainer.py",
+              "test_theorem1.py", "test_fsdp.py", "test_peft.py")
 
 
 def pytest_collection_modifyitems(items):
