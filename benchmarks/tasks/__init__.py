@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-QUICK_BUDGET = (30, 10, (0,))  # steps, eval_every, seeds: --quick checks that a study runs
+QUICK_BUDGET = (30, 10, (0,))  # steps, eval_every, seeds: --quick checks that a study runs (a task may set its own)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Task:
     default_schedule: str = "constant"  # a method that names no schedule gets this one (the Trainer's: linear)
 
     def budget(self, name: str, quick: bool = False) -> tuple[int, int, tuple[int, ...]]:
-        return QUICK_BUDGET if quick else self.budgets[name]
+        return self.budgets.get("quick", QUICK_BUDGET) if quick else self.budgets[name]
 
 
 class MLP(nn.Module):

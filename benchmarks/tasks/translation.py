@@ -56,4 +56,4 @@ def load(quick: bool = False) -> TaskData:
 
 TASK = Task("translation", "the example's English→German number words, its BPE tokenizer and its model config (a "
             "Marian transformer built from scratch), token cross-entropy on 512 validation pairs", "kl",
-            {"short": (250, 25, (0, 1, 2)), "long": (1500, 150, (0, 1))}, load=load)
+            {"short": (250, 25, (0, 1, 2)), "long": (1500, 150, (0, 1)), "quick": (10, 5, (0,))}, load=load)
