@@ -24,7 +24,7 @@ COMMON = {"schedule": None, "warmup_fraction": 0.05, "weight_decay": 0.0}  # eve
 # Hyperparameters added after runs were stored, at the value that reproduces those runs: left out of a run's key, so
 # a builder gaining one keeps the stored runs valid (at another value it is another run).
 ADDED_LATER = {"trust_region": "none"}
-SCHEDULES = ("constant", "linear", "warmup_cosine")
+SCHEDULES = ("constant", "linear", "warmup_cosine", "warmup_linear")
 
 
 @dataclass
@@ -77,8 +77,9 @@ def build(method: dict, lr: float, ctx: Context):
 
 
 def scheduler(optimizer, schedule: str, warmup_fraction: float, total_steps: int):
-    """``linear``: the Trainer's default, decay to 0, no warm-up; ``warmup_cosine``: linear warm-up over
-    ``warmup_fraction`` of the steps, then cosine to 0; ``constant``: none."""
+    """``linear``: the Trainer's default, decay to 0, no warm-up; ``warmup_cosine`` / ``warmup_linear``: linear
+    warm-up over ``warmup_fraction`` of the steps, then cosine / linear to 0 (the Trainer's ``--warmup_ratio``);
+    ``constant``: none."""
     if schedule == "constant":
         return None
     if schedule == "linear":
@@ -88,7 +89,8 @@ def scheduler(optimizer, schedule: str, warmup_fraction: float, total_steps: int
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if schedule == "warmup_linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -197,7 +199,7 @@ def shampoo(ctx, lr, weight_decay=0.0):
 
 # a method under the Hugging Face Trainer (the finetune and lora tasks) ------------------------------------------------
 TRAINER_SCHEDULES = {"linear": {}, "constant": {"lr_scheduler_type": "constant"},
-                     "warmup_cosine": {"lr_scheduler_type": "cosine"}}
+                     "warmup_cosine": {"lr_scheduler_type": "cosine"}, "warmup_linear": {}}
 APO_FLAGS = ("loss_batch", "lambda_fsd", "lambda_wsd", "horizon", "meta_interval", "meta_lr", "meta_batch_fraction",
              "meta_optimizer", "adaptive_interval", "max_meta_step", "max_factor_dim", "lookahead_steps",
              "spectral_meta_step", "stochastic_rounding", "trust_region")
@@ -209,7 +211,7 @@ def trainer_flags(method: dict, steps: int) -> tuple[dict, dict | None]:
     puts its schedule on it)."""
     kind, schedule = method["kind"], method["schedule"]
     flags = {"apo": "none", "weight_decay": method["weight_decay"], **TRAINER_SCHEDULES[schedule]}
-    if schedule == "warmup_cosine":
+    if schedule.startswith("warmup_"):
         flags["warmup_steps"] = method["warmup_fraction"]  # a float < 1: a ratio
     if kind in ("sgd", "apo_precond") and method.get("base", "sgd") == "sgd":
         flags |= {"optim": "sgd", "optim_args": f"momentum={method['momentum']}"}

@@ -236,7 +236,9 @@ class Study:
         return optimizers.resolve(self.entry(name)["method"], TASKS[task].default_schedule)
 
     def budget(self, task: str, name: str | None = None) -> tuple[int, int, tuple[int, ...]]:
-        steps, every, seeds = TASKS[task].budget(self.config.get("budget", "long"), self.quick)
+        budget = self.config.get("budget", "long")  # a name, or {default = name, <task> = name}
+        budget = budget.get(task, budget["default"]) if isinstance(budget, dict) else budget
+        steps, every, seeds = TASKS[task].budget(budget, self.quick)
         if not self.quick:
             seeds = self.config.get("seeds", {}).get(task, seeds)
             seeds = self.entry(name).get("seeds", {}).get(task, seeds) if name else seeds
