@@ -137,6 +137,8 @@ def evaluate(model, optimizer, batches: list[dict], precision: str) -> float:
 
 def epoch_batches(size: int, batch_size: int, seed: int):
     """Indices of a seeded permutation in batches, reshuffled every epoch: the same sequence for every optimizer."""
+    if size < batch_size:  # no full batch in an epoch: it would loop for ever
+        raise ValueError(f"a task of {size} training examples is smaller than one batch of {batch_size}")
     generator = torch.Generator().manual_seed(10_000 + seed)
     while True:
         order = torch.randperm(size, generator=generator)

@@ -3,6 +3,7 @@ resuming, a typo in a method failing, the rule's mean ranks and tie-break."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -123,3 +124,9 @@ def test_mean_ranks_and_the_tie_break():
     assert tie_key("a", same, ["meta_passes", {"name": "a"}]) == (0.15, False)
     cheaper = {**same, "loss_batch": "next", "lambda_fsd": 0.0}
     assert tie_key("b", cheaper, ["meta_passes", {"name": "a"}]) == (0.0, True)
+
+
+def test_a_task_smaller_than_one_batch_is_refused_not_looped_over():
+    assert [len(b) for b in itertools.islice(runner.epoch_batches(10, 4, 0), 3)] == [4, 4, 4]
+    with pytest.raises(ValueError, match="smaller than one batch of 32"):
+        next(runner.epoch_batches(24, 32, 0))
