@@ -39,6 +39,21 @@ class TaskData:
         return [self.batch(torch.arange(i, min(i + batch_size, end))) for i in range(0, end, batch_size)]
 
 
+def trim_padding(batch: dict) -> dict:
+    """A seq2seq batch without the padding columns no row of it uses (source by its mask, target by labels -100)."""
+    source, target = int(batch["attention_mask"].sum(1).max()), int((batch["labels"] != -100).sum(1).max())
+    return {"input_ids": batch["input_ids"][:, :source].contiguous(),
+            "attention_mask": batch["attention_mask"][:, :source].contiguous(),
+            "labels": batch["labels"][:, :target].contiguous()}
+
+
+def seq2seq_data(train: dict, val: dict, build: Callable[[int], nn.Module], eval_batch: int = 128) -> TaskData:
+    """A seq2seq task's data: the validation columns cut into trimmed batches of ``eval_batch``, training batches
+    trimmed as they are drawn."""
+    return TaskData(train, [trim_padding({k: v[i:i + eval_batch] for k, v in val.items()})
+                            for i in range(0, len(val["labels"]), eval_batch)], build, trim_padding)
+
+
 @dataclass
 class Task:
     name: str

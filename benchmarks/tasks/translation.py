@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tasks import Task, TaskData
+from benchmarks.tasks import Task, TaskData, seq2seq_data
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_LENGTH, VAL_EXAMPLES = 32, 512
@@ -38,20 +38,13 @@ def load(quick: bool = False) -> TaskData:
         return {"input_ids": tokens["source"]["input_ids"], "attention_mask": tokens["source"]["attention_mask"],
                 "labels": labels.masked_fill(labels == tokenizer.pad_token_id, -100)}
 
-    def trim(batch: dict) -> dict:
-        source_len, target_len = int(batch["attention_mask"].sum(1).max()), int((batch["labels"] != -100).sum(1).max())
-        return {"input_ids": batch["input_ids"][:, :source_len].contiguous(),
-                "attention_mask": batch["attention_mask"][:, :source_len].contiguous(),
-                "labels": batch["labels"][:, :target_len].contiguous()}
-
     train, val = encode("train", 2000 if quick else None), encode("validation", 64 if quick else VAL_EXAMPLES)
 
     def build(seed: int):
         torch.manual_seed(seed)
         return AutoModelForSeq2SeqLM.from_config(config)
 
-    return TaskData(train, [trim({k: v[i:i + 128] for k, v in val.items()}) for i in range(0, len(val["labels"]), 128)],
-                    build, trim)
+    return seq2seq_data(train, val, build)
 
 
 TASK = Task("translation", "the example's English→German number words, its BPE tokenizer and its model config (a "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tasks import Task, TaskData
+from benchmarks.tasks import Task, TaskData, seq2seq_data
 from benchmarks.tasks.translation import REPO_ROOT
 
 def example(module: str = "offline_default"):
@@ -23,7 +23,7 @@ def example(module: str = "offline_default"):
 
 
 CACHE = Path(tempfile.gettempdir()) / "hf_apo_benchmarks" / "ui_strings_fr"
-VOCAB_SIZE, MAX_LENGTH, EVAL_BATCH = 8000, 64, 128
+VOCAB_SIZE, MAX_LENGTH = 8000, 64
 
 
 def corpus() -> Path:
@@ -65,19 +65,6 @@ def encode(tokenizer, examples: list[dict], max_length: int, skip_first: int = 0
             "labels": labels.masked_fill(labels == tokenizer.pad_token_id, -100)}
 
 
-def trim(batch: dict) -> dict:
-    """The batch without the padding columns no row of it uses."""
-    source, target = int(batch["attention_mask"].sum(1).max()), int((batch["labels"] != -100).sum(1).max())
-    return {"input_ids": batch["input_ids"][:, :source].contiguous(),
-            "attention_mask": batch["attention_mask"][:, :source].contiguous(),
-            "labels": batch["labels"][:, :target].contiguous()}
-
-
-def task_data(train: dict, val: dict, build) -> TaskData:
-    return TaskData(train, [trim({k: v[i:i + EVAL_BATCH] for k, v in val.items()})
-                            for i in range(0, len(val["labels"]), EVAL_BATCH)], build, trim)
-
-
 def load(quick: bool = False) -> TaskData:
     from transformers import MarianMTModel
 
@@ -89,7 +76,7 @@ def load(quick: bool = False) -> TaskData:
         torch.manual_seed(seed)
         return MarianMTModel(config)
 
-    return task_data(encode(tokenizer, train[:2000] if quick else train, MAX_LENGTH),
+    return seq2seq_data(encode(tokenizer, train[:2000] if quick else train, MAX_LENGTH),
                      encode(tokenizer, val[:128] if quick else val, MAX_LENGTH), build)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tasks import Task, TaskData
-from benchmarks.tasks.ui_strings_fr import encode, pairs, task_data
+from benchmarks.tasks import Task, TaskData, seq2seq_data
+from benchmarks.tasks.ui_strings_fr import encode, pairs
 
 MAX_LENGTH = 48
 
@@ -32,7 +32,7 @@ def load(quick: bool = False) -> TaskData:
         return model
 
     # the decoder starts from [CLS]: the labels are the target's ids after it
-    return task_data(encode(tokenizer, train[:500] if quick else train, MAX_LENGTH, skip_first=1),
+    return seq2seq_data(encode(tokenizer, train[:500] if quick else train, MAX_LENGTH, skip_first=1),
                      encode(tokenizer, val[:64] if quick else val, MAX_LENGTH, skip_first=1), build)
 
 
