@@ -1,5 +1,5 @@
-"""python -m benchmarks run STUDY [--tasks ...] [--dry] [--quick --runs DIR] | report (STUDY... | --all): ``run`` trains
-what the study needs and is not on file (resumable), ``report`` writes its report from the runs on file."""
+"""python -m benchmarks run STUDY [--tasks ...] [--seeds ...] [--dry] [--quick --runs DIR] | report (STUDY... | --all):
+``run`` trains what the study needs and is not on file (resumable), ``report`` writes its report from the runs on file."""
 
 import argparse
 import os
@@ -18,6 +18,9 @@ def main(argv=None) -> None:
     run = sub.add_parser("run", help="train what the study needs and is not on file")
     run.add_argument("study", choices=runner.study_names())
     run.add_argument("--dry", action="store_true", help="list the runs that would be trained, train none")
+    run.add_argument("--seeds", type=int, nargs="+",
+                     help="train only these seeds' runs (every method's seed 0 first, then 1, ...: a session cut short "
+                          "still has each method on a seed); the cells still wait for all of theirs")
     run.add_argument("--spectra", metavar="TASK", help="record the candidates' factor spectra on TASK instead")
     rep = sub.add_parser("report", help="write reports from the runs on file")
     rep.add_argument("studies", nargs="*")
@@ -37,7 +40,8 @@ def main(argv=None) -> None:
             done = (overhead.run(name, args.runs, args.quick) if args.command == "run"
                     else overhead.report(name, args.runs, args.output))
         elif args.command == "run":
-            study = runner.Study(name, args.quick, args.runs, training=True, dry=args.dry, tasks=args.tasks)
+            study = runner.Study(name, args.quick, args.runs, training=True, dry=args.dry, tasks=args.tasks,
+                                 seeds=args.seeds)
             runner.record_spectra(study, args.spectra) if args.spectra else study.run()
             done = ("\n".join(" ".join(map(str, m)) for m in study.missing) or f"{name}: every run is on file") \
                 if args.dry else f"{name}: its runs are in {study.store.directory}"

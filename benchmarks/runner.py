@@ -215,8 +215,9 @@ class Study:
     """A study.toml, its store and the stores it reads. With ``training``, a missing run is trained and stored."""
 
     def __init__(self, name: str, quick: bool = False, runs: Path | None = None, training: bool = False,
-                 dry: bool = False, tasks=None, root: Path = STUDIES):
+                 dry: bool = False, tasks=None, seeds=None, root: Path = STUDIES):
         self.name, self.dir, self.quick, self.training, self.dry = name, Path(root) / name, quick, training or dry, dry
+        self.train_seeds = None if seeds is None else set(seeds)  # train only these (a seed-staged run); read all
         self.missing: list[tuple] = []  # dry: the runs a training would add
         self.config = load_config(name, root)
         self.store = Store(runs or self.dir / "runs")
@@ -271,7 +272,7 @@ class Study:
         for seed in budget_seeds if seeds is None or self.quick else seeds:
             key = run_key(task, method, lr, seed, steps, precision, self.checkpoint(task))
             row = next((s.rows[key] for s in self.read if key in s.rows), None)
-            if row is None and self.training:
+            if row is None and self.training and (self.train_seeds is None or seed in self.train_seeds):
                 row = self._train(task, key, method, lr, seed, steps, eval_every, precision)
             if row is not None:
                 out.append(row)

@@ -104,9 +104,12 @@ def test_a_study_trains_what_is_missing_and_resumes(tmp_path, monkeypatch):
     with path.open("a") as out:
         out.write('{"key": "cut by a ki')  # a line a kill cut short is ignored
 
+    staged = Study("s", root=tmp_path, training=True, seeds=[3])  # a seed-staged run trains its seed only
+    assert [r["seed"] for r in staged.rows("teacher_student", "adamw", 1e-3, seeds=(0, 1, 2, 3))] == [0, 1, 3]
+    assert len(trained) == 4 and trained[-1] == ("adamw", 1e-3, 3, "fp32")
     again = Study("s", root=tmp_path, training=True)
     assert [r["final"] for r in again.rows("teacher_student", "adamw", 1e-3, seeds=(0, 1, 2))] == [1e-3, 2e-3, 3e-3]
-    assert len(trained) == 4 and trained[-1] == ("adamw", 1e-3, 2, "fp32")  # only seed 2 was missing
+    assert len(trained) == 5 and trained[-1] == ("adamw", 1e-3, 2, "fp32")  # only seed 2 was missing
     quick = Study("s", root=tmp_path, quick=True, runs=tmp_path / "quick")
     assert quick.budget("teacher_student")[2] == (0,) and quick.budget("teacher_student")[0] == runner.QUICK_BUDGET[0]
 
