@@ -50,6 +50,7 @@ class Report:
         stages = self.rule["stages"]
         self.winner = self.rule.get("winner")
         self.finalists = stages[0].get("finalists") if stages and stages[0]["done"] else None
+        self.failed_above = float(self.config.get("failed_above", 2.0))
 
     def names_on(self, task: str) -> list[str]:
         """The methods shown on a task: the candidates it ranked, then the others (in study.toml's order)."""
@@ -75,6 +76,17 @@ class Report:
     def cells(self, task: str) -> dict[float, dict[str, dict]]:
         """factor → method → cell (value, lr, rows) for the methods shown on a task."""
         return {f: {n: c for n in self.names_on(task) if (c := self.study.cell(task, n, f))} for f in self.factors}
+
+    def failed(self, task: str, factor: float, cell: dict) -> int | None:
+        """The cell's seeds that ended far above the tuned value (``failed_above`` × it, default 2×)."""
+        reference = self.reference(task, 1.0)
+        return None if reference is None else score.failed(cell["rows"], reference, self.failed_above,
+                                                           self.study.score_kind(task))
+
+    def saturation(self, task: str, grid: str, values: dict[float, float]) -> tuple[float, float]:
+        """The grid's best cell: its mean validation loss at step 0 and its value over it (see score.left_of_start)."""
+        rows = self.study.rows(task, grid, min(values, key=values.get))
+        return statistics.fmean(r["losses"][0] for r in rows), score.left_of_start(rows, self.study.score_kind(task))
 
     def target_methods(self) -> list[str]:
         names = [self.winner if n == "winner" else n for n in self.config.get("target_methods", ["winner"])]
@@ -139,8 +151,7 @@ class Report:
             return None
         group = next(g for g in self.config["precision"] if name in g["methods"] and mode in g["modes"])
         rows = self.study.rows(task, name, fp32["lr"], mode, group.get("seeds"))
-        kind = self.config.get("score", {}).get(task, self.config.get("score", {}).get("default", "final"))
-        change = score.precision_change(rows, fp32["rows"], kind)
+        change = score.precision_change(rows, fp32["rows"], self.study.score_kind(task))
         return None if not rows or math.isnan(change) else change
 
     # the report ----------------------------------------------------------------------------------------------------
@@ -155,6 +166,11 @@ class Report:
                              for n in g["methods"] for mode in g["modes"] if t in self.study.tasks)
         precision = [{"task": t, "method": n, "mode": mode, "change": self.precision_change(t, n, mode)}
                      for t, n, mode in sorted(runs, key=lambda r: self.study.tasks.index(r[0]))]
+        saturation = {t: {g: dict(zip(("step_0", "left"), self.saturation(t, g, v))) for g, v in gs.items() if v}
+                      for t, gs in grids.items()}
+        failures = [{"task": t, "factor": f, "method": n, "failed": k, "seeds": len(c["rows"])}
+                    for t in self.study.tasks for f, entry in self.cells(t).items() for n, c in entry.items()
+                    if (k := self.failed(t, f, c))]
         ranks = {}
         if "rank_all" in self.config:
             names = self.config["rank_all"]
@@ -164,7 +180,8 @@ class Report:
                                            self.study.candidates()])):
                 table_ = self.study.table(tasks, chosen)
                 ranks[label] = {"cells": len(table_), "mean_ranks": score.mean_ranks(table_, chosen)}
-        return {"rule": self.rule, "winner": self.winner, "grids": grids, "cells": cells, "mean_ranks": ranks,
+        return {"rule": self.rule, "winner": self.winner, "grids": grids, "saturation": saturation, "cells": cells,
+                "failed_above": self.failed_above, "failures": failures, "mean_ranks": ranks,
                 "precision": precision, "targets": targets,
                 "runs": sum(1 for s in self.study.read for _ in s.rows)}
 
@@ -183,10 +200,14 @@ class Report:
             steps, _, seeds = self.study.budget(task)
             for grid, values in summary["grids"][task].items():
                 if values:
-                    best = min(values, key=values.get)
+                    best, saturation = min(values, key=values.get), summary["saturation"][task][grid]
                     rows.append([task, steps, len(seeds), grid, f"{best:g}", fmt(values[best]),
+                                 f"{fmt(saturation['step_0'])} ({100 * saturation['left']:.2g}%)",
                                  " · ".join(f"{lr:g}: {fmt(v)}" for lr, v in values.items())])
-        lines += table(["task", "steps", "seeds", "grid", "best LR", "its value", "LR: value"], rows) + [""]
+        lines += table(["task", "steps", "seeds", "grid", "best LR", "its value", "step 0 (best value / it)",
+                        "LR: value"], rows) + [""]
+        lines += ["How far from saturation: the best value as a share of the loss at step 0. Near 0% a task is solved "
+                  "almost perfectly and relative differences compare two near-perfect models.", ""]
         lines += self.runs_in_progress(summary)
         lines += ["## The rule", ""]
         for number, stage in enumerate(self.rule["stages"], start=1):
@@ -212,26 +233,31 @@ class Report:
             if len(self.factors) > 1:
                 header = ["method"] + [f"from {f:g}× ({lr:g})" for f, lr in zip(self.factors, lrs)]
                 body = [[n] + [f"{fmt(e[n]['value'])} ({pct(score.relative(e[n]['value'], self.reference(task, f)))})"
-                               if n in e else "—" for f, e in cells.items()] for n in names]
+                               + self.failed_note(task, f, e[n]) if n in e else "—" for f, e in cells.items()]
+                        for n in names]
             else:
                 entry, ref = cells[1.0], self.reference(task, 1.0)
                 other = entry.get(compare) if compare else None
-                header = ["method", "LR", "value", "± std", "vs reference"] + (
+                header = ["method", "LR", "value", "± std", "vs reference",
+                          f"seeds > {self.failed_above:g}× tuned"] + (
                     [f"vs {compare}", f"vs {compare}, equal time"] if compare else [])
                 body = []
                 for n in names:
                     finals = [r["final"] for r in entry[n]["rows"]]
                     spread = statistics.stdev(finals) if len(finals) > 1 and all(map(math.isfinite, finals)) else 0.0
                     row = [n, f"{entry[n]['lr']:g}", fmt(entry[n]["value"]), f"{spread:.2g}",
-                           pct(score.relative(entry[n]["value"], ref)) if ref else "—"]
+                           pct(score.relative(entry[n]["value"], ref)) if ref else "—",
+                           "—" if ref is None else f"{self.failed(task, 1.0, entry[n])}/{len(finals)}"]
                     if compare:
                         row += [pct(score.relative(entry[n]["value"], other["value"])) if other else "—",
                                 pct(score.equal_time_ratio(entry[n]["rows"], other["rows"])) if other else "—"]
                     body.append(row)
             reference = c.get("reference", self.cells_grid)
-            lines += [f"Reference: {' or '.join(reference) if isinstance(reference, list) else reference} "
-                      "(its best LR)." if len(self.factors) == 1 else
-                      f"Percentages against {reference}'s best ({fmt(self.reference(task, 1.0))}).", "",
+            lines += [(f"Reference: {' or '.join(reference) if isinstance(reference, list) else reference} "
+                       "(its best LR)." if len(self.factors) == 1 else
+                       f"Percentages against {reference}'s best ({fmt(self.reference(task, 1.0))}).")
+                      + f" A seed ending above {self.failed_above:g}× the tuned value (a stall, a wreck or far too slow) is "
+                        "counted apart" + ("" if len(self.factors) == 1 else " (\"k/n failed\")") + ".", "",
                       *table(header, body), ""]
         if summary["precision"]:
             lines += ["## Precision", "", "Change of the value against float32, mean over the seeds run (paired):", "",
@@ -244,6 +270,10 @@ class Report:
                  (f"{t['passing']}: " if "passing" in t else "") + t["detail"]] for t in summary["targets"]]), ""]
         lines += [f"![{f}]({f})" for f in figures]
         return "\n".join(lines).rstrip() + "\n"
+
+    def failed_note(self, task: str, factor: float, cell: dict) -> str:
+        k = self.failed(task, factor, cell)
+        return f", {k}/{len(cell['rows'])} failed" if k else ""
 
     def runs_in_progress(self, summary: dict) -> list[str]:
         """While a task's grid is unfinished: every run on file, by the study's name of its method (nothing once

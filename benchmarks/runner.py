@@ -303,9 +303,12 @@ class Study:
     def complete(self, task: str, name: str, rows: list[dict]) -> bool:
         return len(rows) >= len(self.budget(task, name)[2]) and len(rows) > 0
 
+    def score_kind(self, task: str) -> str:
+        """``final`` (the final validation loss) or ``best`` (the best along the run), from ``[score]``."""
+        return self.config.get("score", {}).get(task, self.config.get("score", {}).get("default", "final"))
+
     def value(self, task: str, rows: list[dict]) -> float:
-        kind = self.config.get("score", {}).get(task, self.config.get("score", {}).get("default", "final"))
-        return score.cell_value(rows, kind)
+        return score.cell_value(rows, self.score_kind(task))
 
     # grids, cells and where a method runs ----------------------------------------------------------------------
     def grid_lrs(self, task: str, grid: str) -> list[float]:

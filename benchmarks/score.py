@@ -20,6 +20,19 @@ def cell_value(rows: list[dict], kind: str = "final") -> float:
     return statistics.fmean(scores) if scores and all(math.isfinite(s) for s in scores) else math.inf
 
 
+def failed(rows: list[dict], reference: float, above: float, kind: str = "final") -> int:
+    """How many seeds ended far above the tuned value (a stall or a wreck: score > ``above`` × ``reference``, or
+    diverged): counted apart, since one such seed decides a mean and a percentage would hide what happened."""
+    return sum(not run_score(r, kind) <= above * reference for r in rows)
+
+
+def left_of_start(rows: list[dict], kind: str = "final") -> float:
+    """How far from saturation a cell is: its value over its mean validation loss at step 0 (1: nothing learned; near
+    0: saturated, where relative differences compare two near-perfect models)."""
+    start = statistics.fmean(r["losses"][0] for r in rows)
+    return cell_value(rows, kind) / start if rows and start > 0 else math.nan
+
+
 def relative(value: float, reference: float) -> float:
     return value / reference - 1 if math.isfinite(value) and reference and math.isfinite(reference) else math.inf
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks import runner  # noqa: E402
 from benchmarks.optimizers import resolve  # noqa: E402
 from benchmarks.runner import Store, Study, run_key  # noqa: E402
-from benchmarks.score import mean_ranks, ordered_by_rule, tie_key  # noqa: E402
+from benchmarks.score import failed, left_of_start, mean_ranks, ordered_by_rule, tie_key  # noqa: E402
 
 ADAMW = resolve({"kind": "adamw"})
 
@@ -133,3 +134,12 @@ def test_a_task_smaller_than_one_batch_is_refused_not_looped_over():
     assert [len(b) for b in itertools.islice(runner.epoch_batches(10, 4, 0), 3)] == [4, 4, 4]
     with pytest.raises(ValueError, match="smaller than one batch of 32"):
         next(runner.epoch_batches(24, 32, 0))
+
+
+def test_failed_seeds_are_counted_apart_and_saturation_is_the_share_of_step_0_left():
+    rows = [{"final": f, "losses": [8.0, 1.2, f]} for f in (1.0, 1.9, 2.5, math.inf)]
+    assert failed(rows, 1.0, 2.0) == 2  # above 2× the tuned value, or diverged; 1.9 is not
+    assert failed(rows, 1.0, 2.0, "best") == 1  # the best along the run: 2.5's run reached 1.2; inf diverged
+    assert failed(rows[:2], 1.0, 2.0) == 0
+    assert left_of_start(rows[:2]) == pytest.approx(1.45 / 8.0)
+    assert left_of_start([{"final": 0.002, "losses": [4.0, 0.002]}]) == pytest.approx(5e-4)  # saturated
