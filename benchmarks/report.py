@@ -50,7 +50,7 @@ class Report:
         stages = self.rule["stages"]
         self.winner = self.rule.get("winner")
         self.finalists = stages[0].get("finalists") if stages and stages[0]["done"] else None
-        self.failed_above = float(self.config.get("failed_above", 2.0))
+        self.failed_share = float(self.config.get("failed_share", 0.1))
 
     def names_on(self, task: str) -> list[str]:
         """The methods shown on a task: the candidates it ranked, then the others (in study.toml's order)."""
@@ -78,10 +78,14 @@ class Report:
         return {f: {n: c for n in self.names_on(task) if (c := self.study.cell(task, n, f))} for f in self.factors}
 
     def failed(self, task: str, factor: float, cell: dict) -> int | None:
-        """The cell's seeds that ended far above the tuned value (``failed_above`` × it, default 2×)."""
-        reference = self.reference(task, 1.0)
-        return None if reference is None else score.failed(cell["rows"], reference, self.failed_above,
-                                                           self.study.score_kind(task))
+        """The cell's seeds that ended far above the tuned value: above it + ``failed_share`` (default 0.1) of what
+        the cell grid's best gained from step 0 (score.failure_threshold)."""
+        best = self.study.grid_values(task, self.cells_grid)
+        if not best:
+            return None
+        start, _ = self.saturation(task, self.cells_grid, best)
+        threshold = score.failure_threshold(min(best.values()), start, self.failed_share)
+        return score.failed(cell["rows"], threshold, self.study.score_kind(task))
 
     def saturation(self, task: str, grid: str, values: dict[float, float]) -> tuple[float, float]:
         """The grid's best cell: its mean validation loss at step 0 and its value over it (see score.left_of_start)."""
@@ -181,7 +185,7 @@ class Report:
                 table_ = self.study.table(tasks, chosen)
                 ranks[label] = {"cells": len(table_), "mean_ranks": score.mean_ranks(table_, chosen)}
         return {"rule": self.rule, "winner": self.winner, "grids": grids, "saturation": saturation, "cells": cells,
-                "failed_above": self.failed_above, "failures": failures, "mean_ranks": ranks,
+                "failed_share": self.failed_share, "failures": failures, "mean_ranks": ranks,
                 "precision": precision, "targets": targets,
                 "runs": sum(1 for s in self.study.read for _ in s.rows)}
 
@@ -238,8 +242,7 @@ class Report:
             else:
                 entry, ref = cells[1.0], self.reference(task, 1.0)
                 other = entry.get(compare) if compare else None
-                header = ["method", "LR", "value", "± std", "vs reference",
-                          f"seeds > {self.failed_above:g}× tuned"] + (
+                header = ["method", "LR", "value", "± std", "vs reference", "seeds failed"] + (
                     [f"vs {compare}", f"vs {compare}, equal time"] if compare else [])
                 body = []
                 for n in names:
@@ -256,8 +259,9 @@ class Report:
             lines += [(f"Reference: {' or '.join(reference) if isinstance(reference, list) else reference} "
                        "(its best LR)." if len(self.factors) == 1 else
                        f"Percentages against {reference}'s best ({fmt(self.reference(task, 1.0))}).")
-                      + f" A seed ending above {self.failed_above:g}× the tuned value (a stall, a wreck or far too slow) is "
-                        "counted apart" + ("" if len(self.factors) == 1 else " (\"k/n failed\")") + ".", "",
+                      + f" A seed that gave back more than {100 * self.failed_share:g}% of what tuned "
+                        f"{self.cells_grid} gained from step 0 (a stall, a wreck or far too slow) is counted apart"
+                      + (" (\"seeds failed\")" if len(self.factors) == 1 else " (\"k/n failed\")") + ".", "",
                       *table(header, body), ""]
         if summary["precision"]:
             lines += ["## Precision", "", "Change of the value against float32, mean over the seeds run (paired):", "",

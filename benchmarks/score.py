@@ -20,10 +20,18 @@ def cell_value(rows: list[dict], kind: str = "final") -> float:
     return statistics.fmean(scores) if scores and all(math.isfinite(s) for s in scores) else math.inf
 
 
-def failed(rows: list[dict], reference: float, above: float, kind: str = "final") -> int:
-    """How many seeds ended far above the tuned value (a stall or a wreck: score > ``above`` × ``reference``, or
-    diverged): counted apart, since one such seed decides a mean and a percentage would hide what happened."""
-    return sum(not run_score(r, kind) <= above * reference for r in rows)
+def failed(rows: list[dict], threshold: float, kind: str = "final") -> int:
+    """How many seeds ended above ``threshold`` (a stall, a wreck or a run far too slow; see
+    :func:`failure_threshold`) or diverged: counted apart, since one such seed decides a mean and a percentage would
+    hide what happened."""
+    return sum(not run_score(r, kind) <= threshold for r in rows)
+
+
+def failure_threshold(tuned: float, start: float, share: float) -> float:
+    """A run fails above tuned + ``share`` × (start − tuned): it gave back that share of what the tuned baseline
+    gained from step 0. Saturation-aware where a ratio is not: on a task tuned AdamW solves to 0.001 from 5, 2× tuned
+    is two near-perfect models, and on one it takes from 9 to 5.5, 2× tuned is worse than step 0."""
+    return tuned + share * (start - tuned)
 
 
 def left_of_start(rows: list[dict], kind: str = "final") -> float:

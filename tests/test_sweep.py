@@ -17,7 +17,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks import runner  # noqa: E402
 from benchmarks.optimizers import resolve  # noqa: E402
 from benchmarks.runner import Store, Study, run_key  # noqa: E402
-from benchmarks.score import failed, left_of_start, mean_ranks, ordered_by_rule, tie_key  # noqa: E402
+from benchmarks.score import (failed, failure_threshold, left_of_start, mean_ranks,  # noqa: E402
+                              ordered_by_rule, tie_key)
 
 ADAMW = resolve({"kind": "adamw"})
 
@@ -138,8 +139,13 @@ def test_a_task_smaller_than_one_batch_is_refused_not_looped_over():
 
 def test_failed_seeds_are_counted_apart_and_saturation_is_the_share_of_step_0_left():
     rows = [{"final": f, "losses": [8.0, 1.2, f]} for f in (1.0, 1.9, 2.5, math.inf)]
-    assert failed(rows, 1.0, 2.0) == 2  # above 2× the tuned value, or diverged; 1.9 is not
-    assert failed(rows, 1.0, 2.0, "best") == 1  # the best along the run: 2.5's run reached 1.2; inf diverged
-    assert failed(rows[:2], 1.0, 2.0) == 0
+    threshold = failure_threshold(1.0, 11.0, 0.1)  # tuned 1 from 11 at step 0: a tenth of that gain given back
+    assert threshold == pytest.approx(2.0)
+    assert failed(rows, threshold) == 2  # above it, or diverged; 1.9 is not
+    assert failed(rows, threshold, "best") == 1  # the best along the run: 2.5's run reached 1.2; inf diverged
+    assert failed(rows[:2], threshold) == 0
+    # saturated: tuned 0.001 from 5; 0.003 is two near-perfect models, not a failure; a plateau at 0.8 is
+    assert failed([{"final": 0.003, "losses": [5.0]}, {"final": 0.8, "losses": [5.0]}],
+                  failure_threshold(0.001, 5.0, 0.1)) == 1
     assert left_of_start(rows[:2]) == pytest.approx(1.45 / 8.0)
     assert left_of_start([{"final": 0.002, "losses": [4.0, 0.002]}]) == pytest.approx(5e-4)  # saturated
