@@ -12,6 +12,7 @@ from pathlib import Path
 
 from benchmarks import score
 from benchmarks.runner import Study
+from benchmarks.tasks import TASKS
 
 
 def fmt(value, percent: bool = False) -> str:
@@ -90,7 +91,8 @@ class Report:
     def saturation(self, task: str, grid: str, values: dict[float, float]) -> tuple[float, float]:
         """The grid's best cell: its mean validation loss at step 0 and its value over it (see score.left_of_start)."""
         rows = self.study.rows(task, grid, min(values, key=values.get))
-        return statistics.fmean(r["losses"][0] for r in rows), score.left_of_start(rows, self.study.score_kind(task))
+        return statistics.fmean(r["losses"][0] for r in rows), score.left_of_start(
+            rows, self.study.score_kind(task), TASKS[task].floor or 0.0)
 
     def target_methods(self) -> list[str]:
         names = [self.winner if n == "winner" else n for n in self.config.get("target_methods", ["winner"])]
@@ -205,13 +207,16 @@ class Report:
             for grid, values in summary["grids"][task].items():
                 if values:
                     best, saturation = min(values, key=values.get), summary["saturation"][task][grid]
+                    floor = TASKS[task].floor
                     rows.append([task, steps, len(seeds), grid, f"{best:g}", fmt(values[best]),
-                                 f"{fmt(saturation['step_0'])} ({100 * saturation['left']:.2g}%)",
+                                 f"{fmt(saturation['step_0'])} ({100 * saturation['left']:.2g}%"
+                                 + (f" above the floor {floor:g})" if floor else ")"),
                                  " · ".join(f"{lr:g}: {fmt(v)}" for lr, v in values.items())])
         lines += table(["task", "steps", "seeds", "grid", "best LR", "its value", "step 0 (best value / it)",
                         "LR: value"], rows) + [""]
-        lines += ["How far from saturation: the best value as a share of the loss at step 0. Near 0% a task is solved "
-                  "almost perfectly and relative differences compare two near-perfect models.", ""]
+        lines += ["How far from saturation: the best value as a share of the loss at step 0 (both above the task's "
+                  "floor, the loss no model can beat, where its data say it). Near 0% a task is solved almost "
+                  "perfectly and relative differences compare two near-perfect models.", ""]
         lines += self.runs_in_progress(summary)
         lines += ["## The rule", ""]
         for number, stage in enumerate(self.rule["stages"], start=1):

@@ -34,11 +34,12 @@ def failure_threshold(tuned: float, start: float, share: float) -> float:
     return tuned + share * (start - tuned)
 
 
-def left_of_start(rows: list[dict], kind: str = "final") -> float:
-    """How far from saturation a cell is: its value over its mean validation loss at step 0 (1: nothing learned; near
-    0: saturated, where relative differences compare two near-perfect models)."""
-    start = statistics.fmean(r["losses"][0] for r in rows)
-    return cell_value(rows, kind) / start if rows and start > 0 else math.nan
+def left_of_start(rows: list[dict], kind: str = "final", floor: float = 0.0) -> float:
+    """How far from saturation a cell is: its value over its mean validation loss at step 0, both above the task's
+    ``floor`` where known (1: nothing learned; near 0: saturated, where relative differences compare two near-perfect
+    models)."""
+    start = statistics.fmean(r["losses"][0] for r in rows) - floor
+    return (cell_value(rows, kind) - floor) / start if rows and start > 0 else math.nan
 
 
 def relative(value: float, reference: float) -> float:

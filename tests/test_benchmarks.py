@@ -86,7 +86,7 @@ def test_an_unfinished_study_lists_its_runs_and_a_finished_one_does_not(tmp_path
     report.write(runner.Study("tiny", root=root), tmp_path / "out")
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## Runs on file" not in text and "| teacher_student |" in text.split("## The rule")[0]
-    assert "| 2 (25%) |" in text  # the best cell's step 0 and the share of it left: 0.5 / 2
+    assert "| 2 (25% above the floor 0.005) |" in text  # step 0 and the share left: (0.5 - 0.005) / (2 - 0.005)
 
 
 @pytest.mark.slow

@@ -149,3 +149,6 @@ def test_failed_seeds_are_counted_apart_and_saturation_is_the_share_of_step_0_le
                   failure_threshold(0.001, 5.0, 0.1)) == 1
     assert left_of_start(rows[:2]) == pytest.approx(1.45 / 8.0)
     assert left_of_start([{"final": 0.002, "losses": [4.0, 0.002]}]) == pytest.approx(5e-4)  # saturated
+    # above a floor: teacher-student's noise (½·0.1²) is what no model beats
+    assert left_of_start([{"final": 0.026, "losses": [0.5435, 0.026]}], floor=0.005) == pytest.approx(0.021 / 0.5385)
+    assert runner.TASKS["teacher_student"].floor == pytest.approx(0.005)

@@ -64,6 +64,7 @@ class Task:
     load: Callable[[bool], TaskData] | None = None  # in-process tasks
     trainer: object | None = None  # Trainer tasks: a module with checkpoint(quick) and run(...)
     default_schedule: str = "constant"  # a method that names no schedule gets this one (the Trainer's: linear)
+    floor: float | None = None  # the validation loss no model can beat, where the data's construction says it
 
     def budget(self, name: str, quick: bool = False) -> tuple[int, int, tuple[int, ...]]:
         return self.budgets.get("quick", QUICK_BUDGET) if quick else self.budgets[name]

@@ -25,4 +25,5 @@ def load(quick: bool = False) -> TaskData:
 
 TASK = Task("teacher_student", "regression on a random teacher MLP 20-64-64-1 plus noise (std 0.1), 50,000 examples, "
             "student MLP 20-64-64-1, ½(y−f)²", "squared_error",
-            {"short": (600, 20, (0, 1, 2)), "long": (6000, 300, (0, 1, 2))}, load=load)
+            {"short": (600, 20, (0, 1, 2)), "long": (6000, 300, (0, 1, 2))}, load=load,
+            floor=0.5 * 0.1 ** 2)  # the noise: ½·E[ε²] with ε ~ N(0, 0.1²), for the teacher itself
