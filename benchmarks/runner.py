@@ -215,9 +215,10 @@ class Study:
     """A study.toml, its store and the stores it reads. With ``training``, a missing run is trained and stored."""
 
     def __init__(self, name: str, quick: bool = False, runs: Path | None = None, training: bool = False,
-                 dry: bool = False, tasks=None, seeds=None, root: Path = STUDIES):
+                 dry: bool = False, tasks=None, seeds=None, factors=None, root: Path = STUDIES):
         self.name, self.dir, self.quick, self.training, self.dry = name, Path(root) / name, quick, training or dry, dry
         self.train_seeds = None if seeds is None else set(seeds)  # train only these (a seed-staged run); read all
+        self.train_factors = None if factors is None else set(factors)  # run() trains only these cells
         self.missing: list[tuple] = []  # dry: the runs a training would add
         self.config = load_config(name, root)
         self.store = Store(runs or self.dir / "runs")
@@ -419,8 +420,9 @@ class Study:
 
     # running -----------------------------------------------------------------------------------------------------
     def run(self) -> None:
-        """Train every run the study needs that is not on file: the grids, then each method in each cell (the
-        finalists only on the later stages' tasks), then the precision runs."""
+        """Train every run the study needs that is not on file: the grids, then each method in each cell (the rule's
+        candidates first; the finalists only on the later stages' tasks), then the precision runs. ``seeds`` and
+        ``factors`` given to the study: only those seeds' runs, only those cells."""
         assert self.training
         candidates = set(self.candidates())
         for task in self.tasks:
@@ -428,8 +430,10 @@ class Study:
                 if self.runs_on(task, grid):
                     for lr in self.grid_lrs(task, grid):
                         self.rows(task, grid, lr)
-            names = [n for n in self.config["methods"] if n not in candidates] + self.ranked_on(task)
+            names = self.ranked_on(task) + [n for n in self.config["methods"] if n not in candidates]
             for factor in self.config["cells"].get("factors", [1.0]):
+                if self.train_factors is not None and factor not in self.train_factors:
+                    continue
                 for name in names:
                     if self.runs_on(task, name):
                         for lr in self.method_lrs(task, name, factor):

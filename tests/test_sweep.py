@@ -116,6 +116,25 @@ def test_a_study_trains_what_is_missing_and_resumes(tmp_path, monkeypatch):
     assert quick.budget("teacher_student")[2] == (0,) and quick.budget("teacher_student")[0] == runner.QUICK_BUDGET[0]
 
 
+def test_a_study_trains_its_candidates_first_and_only_the_cells_asked_for(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(task, data, method, lr, seed, steps, eval_every, precision="fp32", callback=None):
+        trained.append((method["kind"], lr, seed))
+        return {"final": lr, "losses": [1.0, lr], "eval_steps": [0, steps], "diverged": False}
+
+    monkeypatch.setattr(runner, "train_in_process", fake_train)
+    monkeypatch.setattr(runner.TASKS["teacher_student"], "load", lambda quick: None)
+    write_study(tmp_path, "s", STUDY.replace('["teacher_student", "finetune"]', '["teacher_student"]').replace(
+        '[cells]\ngrid = "adamw"', '[cells]\ngrid = "adamw"\nfactors = [1.0, 3.0]').replace(
+        "[methods]", '[seeds]\nteacher_student = [0]\n[methods]\npeer = { kind = "sgd" }\n'
+                     'candidate = { kind = "apo_lr" }\n[rule]\ncandidates = ["candidate"]\nstages = [{}]'))
+    Study("s", root=tmp_path, training=True, factors=[3.0]).run()
+    assert trained == [("adamw", 1e-3, 0), ("apo_lr", 3e-3, 0), ("sgd", 3e-3, 0)]  # the grid, then the 3× cell only
+    Study("s", root=tmp_path, training=True).run()
+    assert trained[3:] == [("apo_lr", 1e-3, 0), ("sgd", 1e-3, 0)]
+
+
 def test_mean_ranks_and_the_tie_break():
     table = {"a": {"x": 1.0, "y": 2.0, "z": 3.0}, "b": {"x": 2.0, "y": 1.0, "z": 3.0}, "c": {"x": 1.0, "y": 2.0}}
     assert mean_ranks(table) == {"x": pytest.approx(4 / 3), "y": pytest.approx(5 / 3), "z": 3.0}
