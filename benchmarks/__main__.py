@@ -1,6 +1,6 @@
-"""python -m benchmarks run STUDY [--tasks ...] [--seeds ...] [--factors ...] [--dry] [--quick --runs DIR] | report (STUDY... | --all):
-``run`` trains what the study needs and is not on file (resumable), ``report`` writes its report from the runs on
-file."""
+"""python -m benchmarks run STUDY [--tasks, --seeds, --factors ...] [--dry] [--quick --runs DIR] | report (STUDY... |
+--all): ``run`` trains what the study needs and is not on file (resumable), ``report`` writes its report from the
+runs on file."""
 
 import argparse
 import os
