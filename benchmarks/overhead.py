@@ -19,12 +19,18 @@ from benchmarks.report import table
 
 SIZES = {"d64": (64, 256, 2), "tiny": (128, 512, 4), "d256": (256, 1024, 8), "d512": (512, 2048, 8),
          "d1024": (1024, 4096, 16)}  # d_model, d_ff, heads (T5 convention d_ff = 4·d_model)
-VOCAB, BATCH = 1000, 32
+VOCAB, BATCH = 1000, 32  # the T5's; a study may set ``batch``
 COLUMNS = ["method", "step ms", "step ×AdamW", "plain step ×AdamW", "meta step (AdamW steps)", "peak ×AdamW",
            "state / params", "params+grads+state ×AdamW"]
 
 
 def build_model(size: str, device: str):
+    """A model of the study: ``minilm`` (the bert2bert of ui_strings_fr_pretrained, 49M parameters, a 30k
+    vocabulary) or a T5 (2 + 2 layers, tied embeddings, vocabulary 1000) of one of :data:`SIZES`."""
+    if size == "minilm":
+        from benchmarks.tasks import ui_strings_fr_pretrained
+
+        return ui_strings_fr_pretrained.build_model(0).to(device)
     from transformers import T5Config, T5ForConditionalGeneration
 
     d_model, d_ff, heads = SIZES[size]
@@ -33,6 +39,10 @@ def build_model(size: str, device: str):
         vocab_size=VOCAB, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=2, num_decoder_layers=2,
         num_heads=heads, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
         tie_word_embeddings=True)).to(device)
+
+
+def vocabulary(model) -> int:
+    return model.config.decoder.vocab_size if hasattr(model.config, "decoder") else model.config.vocab_size
 
 
 def state_bytes(optimizer) -> int:
@@ -45,9 +55,9 @@ def state_bytes(optimizer) -> int:
 class Runner:
     """One optimizer on its own copy of the model: its step times, and its meta steps' profiled parts."""
 
-    def __init__(self, name: str, method: dict, size: str, batches, device: str, steps: int):
+    def __init__(self, name: str, method: dict, model, batches, device: str, steps: int):
         self.name, self.batches, self.device, self.steps = name, batches, device, 0
-        self.model = build_model(size, device).train()
+        self.model = model.train()
         full = optimizers.resolve({k: v for k, v in method.items() if k != "lr"})
         ctx = optimizers.Context(self.model, list(self.model.parameters()), total_steps=steps)
         self.optimizer, self.scheduler = optimizers.build(full, method["lr"], ctx)
@@ -106,12 +116,20 @@ def peak_bytes(run: Runner) -> int | None:
     return before + peak if events else None
 
 
-def measure(size: str, methods: dict, reps: int, device: str, seq_len: int) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    tokens = [torch.randint(2, VOCAB, (BATCH, seq_len), generator=generator) for _ in range(8)]
+def measure(size: str, methods: dict, reps: int, device: str, seq_len: int, batch: int = BATCH,
+            skip: int = 0) -> dict:
+    """Each method on its own copy of the model, on the same random-token batches; ``skip`` untimed steps first
+    (past an opening that costs more than the steady state, e.g. the trust region's)."""
+    models = [build_model(size, device) for _ in methods]
+    generator, vocab = torch.Generator().manual_seed(0), vocabulary(models[0])
+    tokens = [torch.randint(2, vocab, (batch, seq_len), generator=generator) for _ in range(8)]
     batches = [{"input_ids": t.to(device), "attention_mask": torch.ones_like(t).to(device),
                 "labels": t.flip(1).to(device)} for t in tokens]
-    runs = [Runner(name, m, size, batches, device, (reps + 4) * 16) for name, m in methods.items()]
+    runs = [Runner(name, m, model, batches, device, skip + (reps + 4) * 16)
+            for (name, m), model in zip(methods.items(), models)]
+    for r in runs:
+        for _ in range(skip):
+            r.step()
     peaks = {r.name: peak_bytes(r) for r in runs}
     for r in runs:
         r.run_block(record=False)
@@ -123,7 +141,7 @@ def measure(size: str, methods: dict, reps: int, device: str, seq_len: int) -> d
     param_bytes = sum(p.numel() * p.element_size() for p in adamw.model.parameters())
     adamw_step, adamw_plain = statistics.median(adamw.block_means), statistics.median(adamw.plain)
     out = {"param_count": sum(p.numel() for p in adamw.model.parameters()), "param_bytes": param_bytes,
-           "adamw_step_s": adamw_step, "reps": reps, "methods": {}}
+           "adamw_step_s": adamw_step, "reps": reps, "batch": batch, "skipped_steps": skip, "methods": {}}
     for r in runs:
         state, step = state_bytes(r.optimizer), statistics.median(r.block_means)
         entry = {"step_s": step, "step_ratio": step / adamw_step, "block_means_s": r.block_means,
@@ -145,14 +163,15 @@ def run(study: str, output: Path | None, quick: bool) -> Path:
     config = runner.load_config(study)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes, reps = (["d64"], 2) if quick else (config["sizes"], config["reps"])
-    methods = {n: m for n, m in config["methods"].items()
-               if not quick or n in ("adamw", "apo_lr", "apo_lr_paper", "apo_precond")}
+    methods = dict(list(config["methods"].items())[:4] if quick else config["methods"].items())  # AdamW first
     started = time.perf_counter()
     record = {"environment": {**runner.environment(), "benchmark_device": device, "load_average_at_start":
                               list(os.getloadavg())},
-              "settings": {"seq_len": config["seq_len"], "reps": reps, "methods": methods}, "sizes": {}}
+              "settings": {"seq_len": config["seq_len"], "batch": config.get("batch", BATCH), "reps": reps,
+                           "skip": 0 if quick else config.get("skip", 0), "methods": methods}, "sizes": {}}
     for size in sizes:
-        record["sizes"][size] = measure(size, methods, reps, device, config["seq_len"])
+        record["sizes"][size] = measure(size, methods, reps, device, config["seq_len"], config.get("batch", BATCH),
+                                        0 if quick else config.get("skip", 0))
     record["environment"]["wall_clock_s"] = round(time.perf_counter() - started, 1)
     path = Path(output or runner.STUDIES / study / "runs") / f"{device}_{time.strftime('%Y%m%d_%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +189,9 @@ def report(study: str, runs: Path | None = None, output: Path | None = None) -> 
         env = record["environment"]
         lines += [f"## {path.stem}", "", f"{env.get('device')} ({env.get('benchmark_device', 'cpu')}), torch "
                   f"{env.get('torch')}, {env.get('torch_threads', env.get('threads'))} threads, "
-                  f"{record['settings'].get('seq_len', 16)} tokens per example; wall clock {env.get('wall_clock_s')} s"
+                  f"batch {record['settings'].get('batch', BATCH)} × {record['settings'].get('seq_len', 16)} "
+                  f"tokens" + (f", timed after {record['settings']['skip']} steps" if record["settings"].get("skip")
+                               else "") + f"; wall clock {env.get('wall_clock_s')} s"
                   + (f"; `{env['command']}`" if env.get("command") else "") + ".", ""]
         for size, entry in record["sizes"].items():
             rows = [[name] + ["—" if c is None else f"{c:.4g}" for c in (

