@@ -321,10 +321,14 @@ class Report:
         kind = spec["kind"]
         columns = 2 if kind == "lr_traces" or spec.get("time") else 1
         shape = (len(tasks), columns) if columns == 2 else (1, len(tasks))
+        if kind == "cells" and "columns" in spec:  # the tasks' panels wrapped into rows of ``columns``
+            columns, shape = 1, (math.ceil(len(tasks) / spec["columns"]), min(spec["columns"], len(tasks)))
         figure, axes = plt.subplots(*shape, figsize=(5.5 * shape[1], 3.6 * shape[0]), squeeze=False)
-        colours = dict(zip(names, plt.cm.tab20.colors))
+        colours = dict(zip(names, getattr(plt.cm, spec.get("palette", "tab20")).colors))
+        for axis in axes.flat[len(tasks):]:
+            axis.set_visible(False)
         for index, task in enumerate(tasks):
-            row = axes[index] if columns == 2 else [axes[0][index]]
+            row = axes[index] if columns == 2 else [axes.flat[index]]
             if kind == "cells":
                 self._plot_cells(row[0], task, names, colours, spec)
             elif kind == "curves":
@@ -335,8 +339,8 @@ class Report:
                 axis.set_title(task, fontsize=9)
         handles = {line.get_label(): line for axis in axes.flat for line in axis.get_lines()
                    if not line.get_label().startswith("_")}
-        axes.flat[columns - 1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
-                                      bbox_to_anchor=(1.0, 1.0))
+        legend = axes.flat[shape[1] - 1 if "columns" in spec else columns - 1]
+        legend.legend(list(handles.values()), list(handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         figure.tight_layout()
         figure.savefig(path, dpi=90, metadata={"Software": None})
         plt.close(figure)
@@ -373,7 +377,8 @@ class Report:
             if points:
                 apo = self.study.method(task, name)["kind"].startswith("apo")
                 axis.plot([x for x, _ in points], [min(y, 1e3) for _, y in points], "-o" if apo else "--x",
-                          label=name, color=colours[name], linewidth=2 if apo else 1)
+                          label=spec.get("labels", {}).get(name, name), color=colours[name],
+                          linewidth=2 if apo else 1)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set(xscale="log", yscale="log", xlabel="initial LR / best LR", ylabel="value / reference")
 
@@ -420,9 +425,10 @@ def write(study: Study, output: Path | None = None) -> Path:
     report = Report(study)
     summary = report.summary()
     figures = []
-    kinds = [spec["kind"] for spec in study.config.get("plots", [])]
+    kinds = [spec["kind"] for spec in study.config.get("plots", []) if "name" not in spec]
     for number, spec in enumerate(study.config.get("plots", []), start=1):
-        name = f"{spec['kind']}.png" if kinds.count(spec["kind"]) == 1 else f"{spec['kind']}_{number}.png"
+        name = (f"{spec['name']}.png" if "name" in spec else f"{spec['kind']}.png" if kinds.count(spec["kind"]) == 1
+                else f"{spec['kind']}_{number}.png")
         if report.plot(spec, output / name):
             figures.append(name)
     (output / "report.json").write_text(json.dumps(_json(summary), indent=1, ensure_ascii=False) + "\n")
