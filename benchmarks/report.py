@@ -30,6 +30,15 @@ def table(header: list[str], rows: list[list]) -> list[str]:
         "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def metric_mean(rows: list[dict], name: str) -> str:
+    """A final metric's mean over the seeds that recorded it (rows older than the metric lack it: said)."""
+    values = [r["metrics"][name] for r in rows if name in r.get("metrics", {})]
+    if not values:
+        return "—"
+    return f"{statistics.fmean(values):.1f}" + (f" ({len(values)} of {len(rows)} seeds)" if len(values) < len(rows)
+                                               else "")
+
+
 def _json(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -247,8 +256,9 @@ class Report:
             else:
                 entry, ref = cells[1.0], self.reference(task, 1.0)
                 other = entry.get(compare) if compare else None
+                scored = sorted({k for e in entry.values() for r in e["rows"] for k in r.get("metrics", {})})
                 header = ["method", "LR", "value", "± std", "vs reference", "seeds failed"] + (
-                    [f"vs {compare}", f"vs {compare}, equal time"] if compare else [])
+                    [f"vs {compare}", f"vs {compare}, equal time"] if compare else []) + scored
                 body = []
                 for n in names:
                     finals = [r["final"] for r in entry[n]["rows"]]
@@ -259,6 +269,7 @@ class Report:
                     if compare:
                         row += [pct(score.relative(entry[n]["value"], other["value"])) if other else "—",
                                 pct(score.equal_time_ratio(entry[n]["rows"], other["rows"])) if other else "—"]
+                    row += [metric_mean(entry[n]["rows"], k) for k in scored]
                     body.append(row)
             reference = c.get("reference", self.cells_grid)
             lines += [(f"Reference: {' or '.join(reference) if isinstance(reference, list) else reference} "

@@ -179,9 +179,14 @@ def train_in_process(task: Task, data: TaskData, method: dict, lr: float, seed: 
             break
     every = max(1, len(multipliers) // 100)
     train_final = math.inf if diverged else evaluate(model, optimizer, data.train_eval_batches(), precision)
+    metrics = {}
+    if data.final_metrics is not None and not diverged:
+        set_eval_mode(optimizer, True)  # Schedule-Free evaluates at its averaged point, as for the losses
+        metrics = data.final_metrics(model)
+        set_eval_mode(optimizer, False)
     return {"final": losses[-1] if not diverged else math.inf, "train_final": train_final,
             "eval_steps": eval_steps, "losses": losses, "diverged": diverged, "lr_multiplier": multipliers[::every],
-            "lr_multiplier_every": every, "train_time": times}
+            "lr_multiplier_every": every, "train_time": times, **({"metrics": metrics} if metrics else {})}
 
 
 def train_with_trainer(task: Task, method: dict, lr: float, seed: int, steps: int, eval_every: int,

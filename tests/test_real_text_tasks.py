@@ -3,6 +3,7 @@ batch holds, and that a model trains on it."""
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import optimizers, runner
@@ -30,3 +31,17 @@ def test_a_batch_is_the_english_source_and_the_french_labels(tmp_path, monkeypat
     assert int(labels[1][labels[1] != -100][-1]) == tokenizer.eos_token_id
     result = runner.train_in_process(TASKS["ui_strings_fr"], data, optimizers.resolve({"kind": "adamw"}), 3e-3, 0, 8, 8)
     assert result["losses"][-1] < result["losses"][0]
+    # greedy translations of the validation sources scored against their references: a model that copies a reference
+    # scores 100, one that emits nothing 0
+    model = data.build_model(0)
+    assert set(result["metrics"]) == {"bleu", "chrf"} and 0 <= result["metrics"]["bleu"] <= 100
+    references = [fr for _, fr in PAIRS[:3]]
+
+    def fake_generate(input_ids, attention_mask, **kwargs):
+        assert attention_mask[:, -1].any()  # padding columns no row uses were cut
+        return tokenizer(references[:len(input_ids)], padding=True, return_tensors="pt")["input_ids"]
+
+    model.generate = fake_generate
+    assert data.final_metrics(model) == {"bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0)}
+    model.generate = lambda input_ids, attention_mask, **kwargs: torch.full((len(input_ids), 1), tokenizer.eos_token_id)
+    assert data.final_metrics(model) == {"bleu": 0.0, "chrf": 0.0}

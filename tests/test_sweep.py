@@ -171,3 +171,11 @@ def test_failed_seeds_are_counted_apart_and_saturation_is_the_share_of_step_0_le
     # above a floor: teacher-student's noise (½·0.1²) is what no model beats
     assert left_of_start([{"final": 0.026, "losses": [0.5435, 0.026]}], floor=0.005) == pytest.approx(0.021 / 0.5385)
     assert runner.TASKS["teacher_student"].floor == pytest.approx(0.005)
+
+
+def test_a_final_metric_is_averaged_over_the_seeds_that_recorded_it():
+    from benchmarks.report import metric_mean
+
+    rows = [{"metrics": {"bleu": 20.0}}, {"metrics": {"bleu": 25.0}}, {}]
+    assert metric_mean(rows, "bleu") == "22.5 (2 of 3 seeds)"
+    assert metric_mean(rows[:2], "bleu") == "22.5" and metric_mean(rows, "chrf") == "—"

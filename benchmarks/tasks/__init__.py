@@ -23,6 +23,7 @@ class TaskData:
     val_batches: list[dict[str, torch.Tensor]]
     build_model: Callable[[int], nn.Module]  # seed -> a fresh model (the seed is set before any weight is drawn)
     trim: Callable[[dict], dict] | None = None  # e.g. cut padding columns a batch does not use
+    final_metrics: Callable[[nn.Module], dict[str, float]] | None = None  # e.g. BLEU of the trained model
 
     @property
     def size(self) -> int:
@@ -47,11 +48,37 @@ def trim_padding(batch: dict) -> dict:
             "labels": batch["labels"][:, :target].contiguous()}
 
 
-def seq2seq_data(train: dict, val: dict, build: Callable[[int], nn.Module], eval_batch: int = 128) -> TaskData:
+def seq2seq_data(train: dict, val: dict, build: Callable[[int], nn.Module], eval_batch: int = 128,
+                 final_metrics=None) -> TaskData:
     """A seq2seq task's data: the validation columns cut into trimmed batches of ``eval_batch``, training batches
     trimmed as they are drawn."""
     return TaskData(train, [trim_padding({k: v[i:i + eval_batch] for k, v in val.items()})
-                            for i in range(0, len(val["labels"]), eval_batch)], build, trim_padding)
+                            for i in range(0, len(val["labels"]), eval_batch)], build, trim_padding, final_metrics)
+
+
+def translation_metrics(tokenizer, sources: dict[str, torch.Tensor], references: list[str], max_new_tokens: int,
+                        batch_size: int = 128) -> Callable[[nn.Module], dict[str, float]]:
+    """BLEU and chrF (sacrebleu, corpus level) of a trained model's greedy translations of ``sources`` (input_ids,
+    attention_mask) against ``references``."""
+
+    @torch.no_grad()
+    def metrics(model: nn.Module) -> dict[str, float]:
+        import sacrebleu
+
+        was_training, hypotheses, device = model.training, [], next(model.parameters()).device
+        model.eval()
+        for i in range(0, len(references), batch_size):
+            mask = sources["attention_mask"][i:i + batch_size]
+            width = int(mask.sum(1).max())  # without the padding columns no row uses
+            output = model.generate(input_ids=sources["input_ids"][i:i + batch_size, :width].to(device),
+                                    attention_mask=mask[:, :width].to(device), num_beams=1, do_sample=False,
+                                    max_new_tokens=max_new_tokens)
+            hypotheses += tokenizer.batch_decode(output, skip_special_tokens=True)
+        model.train(was_training)
+        return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+                "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score}
+
+    return metrics
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tasks import Task, TaskData, seq2seq_data
+from benchmarks.tasks import Task, TaskData, seq2seq_data, translation_metrics
 from benchmarks.tasks.translation import REPO_ROOT
 
 def example(module: str = "offline_default"):
@@ -76,11 +76,13 @@ def load(quick: bool = False) -> TaskData:
         torch.manual_seed(seed)
         return MarianMTModel(config)
 
-    return seq2seq_data(encode(tokenizer, train[:2000] if quick else train, MAX_LENGTH),
-                     encode(tokenizer, val[:128] if quick else val, MAX_LENGTH), build)
+    val = val[:128] if quick else val
+    validation = encode(tokenizer, val, MAX_LENGTH)
+    return seq2seq_data(encode(tokenizer, train[:2000] if quick else train, MAX_LENGTH), validation, build,
+                        final_metrics=translation_metrics(tokenizer, validation, [p["fr"] for p in val], MAX_LENGTH))
 
 
 TASK = Task("ui_strings_fr", "real text: human-translated English→French UI strings from the French gettext catalogs "
             "of pinned pip packages (17k training pairs), a BPE tokenizer trained on them and the example's small "
-            "Marian from scratch; token cross-entropy on the 919 validation pairs", "kl",
+            "Marian from scratch; token cross-entropy on the 919 validation pairs (and greedy BLEU, chrF)", "kl",
             {"short": (600, 60, (0, 1, 2)), "long": (2000, 200, (0, 1, 2))}, load=load)
