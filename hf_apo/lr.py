@@ -289,8 +289,8 @@ class APOLR(MetaLearnedOptimizer):
         return changes
 
     def _meta_step_scheduled(self) -> bool:
-        if self.trust_region is not None and self.trust_region.opening:  # φ may grow at every step
-            return self.pending is None
+        if self.trust_region is not None and self.trust_region.opening and not self._warming_up:
+            return self.pending is None  # φ may grow at every step (not in a warm-up: there it may only fall)
         if not self.adaptive_interval:
             return super()._meta_step_scheduled()
         return self.pending is None and self.step_count >= self.cadence.next_meta_step

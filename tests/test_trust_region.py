@@ -222,6 +222,29 @@ def test_growth_doubles_the_lr_until_the_first_step_out_of_the_quadratic_regime(
     assert max(b / a for a, b in zip(multipliers[end:], multipliers[end + 1:])) < 1.2  # then the meta step's moves
 
 
+def test_in_a_warm_up_the_meta_steps_keep_their_interval():
+    """A warm-up lets φ only fall, so the opening's meta step at every step would only lower it, 100 times (it ended
+    teacher-student's warm-up runs at a multiplier of 0.0007): in a warm-up φ moves as without the trust region."""
+    runs = {}
+    for setting in ("none", 1.0):  # a bound the tiny model's steps never reach: no shrink, no growth in a warm-up
+        model = tiny_bart()
+        optimizer = APOLR(model.parameters(), model=model, lr=1e-3, trust_region=setting)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 40))
+        generator, multipliers = torch.Generator().manual_seed(0), []
+        for _ in range(30):
+            batch = copy_task_batch(generator)
+            model(**batch).loss.backward()
+            optimizer.observe(batch)
+            optimizer.step()
+            optimizer.zero_grad()
+            warmup.step()
+            multipliers.append(optimizer.lr_multipliers[0])
+        runs[setting] = (optimizer.meta_steps, multipliers, optimizer)
+    assert runs[1.0][0] == runs["none"][0] <= 3  # every 10 steps, not every step
+    assert runs[1.0][1] == pytest.approx(runs["none"][1], rel=1e-6)
+    assert runs[1.0][2].trust_region.measurements == 30 and runs[1.0][2].trust_region.shrinks == 0
+
+
 def test_without_meta_learning_it_is_the_base_optimizer_bit_for_bit():
     model, twin = tiny_bart(), tiny_bart()
     optimizer = APOLR(model.parameters(), model=model, lr=3.0, meta_lr=0.0, trust_region=1e-6)
