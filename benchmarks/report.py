@@ -232,6 +232,9 @@ class Report:
             ranks = sorted(stage["mean_ranks"].items(), key=lambda kv: kv[1])
             lines += [f"Stage {number} ({', '.join(stage['tasks'])}; {stage['cells']} of {stage['of']} cells): "
                       + (", ".join(f"{n} {r:.2f}" for n, r in ranks) or "not run") + "."
+                      + (" Scenarios failing the rule's checks (ordered first, fewer first): " + ", ".join(
+                          f"{n} {len(t)}" + (f" ({', '.join(t)})" if t else "") for n, t in stage["failing"].items())
+                         + "." if stage.get("failing") else "")
                       + (f" Order by the rule: {', '.join(stage['order'])}." if stage["done"] else " Not finished.")
                       + (f" Finalists: {', '.join(stage['finalists'])}." if stage.get("finalists") else ""), ""]
         lines += [f"**Winner by the rule: `{self.winner}`**" if self.winner else "**Winner: not decided yet**", ""]

@@ -402,9 +402,11 @@ class Study:
             ranks = score.mean_ranks(table, names)
             order = score.ordered_by_rule(ranks, rule.get("tie", 0.25), lambda n: score.tie_key(
                 n, self.method((tasks or self.tasks)[0], n), rule.get("tie_break", [])))
+            failing = {n: self.failing_tasks(n, tasks, rule["failures"]) for n in order} if "failures" in rule else {}
+            order.sort(key=lambda n: len(failing.get(n, [])))  # stable: the rank order among equal counts
             done = len(table) == expected and bool(ranks)
             out["stages"].append({"tasks": tasks, "cells": len(table), "of": expected, "mean_ranks": ranks,
-                                  "order": order, "done": done})
+                                  "order": order, "done": done, **({"failing": failing} if failing else {})})
             if not done:
                 return out
             if "finalists" in stage:
@@ -414,6 +416,18 @@ class Study:
         if out["stages"]:
             out["winner"] = out["stages"][-1]["order"][0]
         return out
+
+    def failing_tasks(self, name: str, tasks, checks: list[dict]) -> list[str]:
+        """The tasks where a seed of ``name`` fails one of the rule's ``failures`` checks: in the cell of
+        ``factor``, a score above ``above`` × the cell grid's best (a wreck from 3× the best LR, a stall at it)."""
+        failing = []
+        for task in tasks:
+            best = self.grid_best(task, self.config["cells"]["grid"])
+            cells = [(check, self.cell(task, name, check["factor"])) for check in checks]
+            if best and any(cell and any(not score.run_score(r, self.score_kind(task)) <= check["above"] * best[1]
+                                         for r in cell["rows"]) for check, cell in cells):
+                failing.append(task)
+        return failing
 
     def ranked_on(self, task: str) -> list[str]:
         """The candidates a task runs: all in the first stage's tasks, the finalists elsewhere (when known)."""

@@ -135,6 +135,29 @@ def test_a_study_trains_its_candidates_first_and_only_the_cells_asked_for(tmp_pa
     assert trained[3:] == [("apo_lr", 1e-3, 0), ("sgd", 1e-3, 0)]
 
 
+def test_a_candidate_that_fails_the_rules_checks_on_more_tasks_loses_whatever_its_rank(tmp_path, monkeypatch):
+    finals = {("apo_lr", 3e-3): 5.0, ("sgd", 3e-3): 1.2, ("apo_lr", 1e-3): 0.5, ("sgd", 1e-3): 0.9}
+
+    def fake_train(task, data, method, lr, seed, steps, eval_every, precision="fp32", callback=None):
+        final = finals.get((method["kind"], lr), 1.0)
+        return {"final": final, "losses": [9.0, final], "eval_steps": [0, steps], "diverged": False}
+
+    monkeypatch.setattr(runner, "train_in_process", fake_train)
+    monkeypatch.setattr(runner.TASKS["teacher_student"], "load", lambda quick: None)
+    rule = '[rule]\ncandidates = ["fast", "safe"]\nstages = [{}]\nfailures = [{ factor = 3.0, above = 1.25 }]'
+    write_study(tmp_path, "s", STUDY.replace('["teacher_student", "finetune"]', '["teacher_student"]').replace(
+        '[cells]\ngrid = "adamw"', '[cells]\ngrid = "adamw"\nfactors = [1.0, 3.0]').replace(
+        "[methods]", '[seeds]\nteacher_student = [0]\n[methods]\nfast = { kind = "apo_lr" }\n'
+                     'safe = { kind = "sgd" }\n' + rule))
+    study = Study("s", root=tmp_path, training=True)
+    study.run()
+    stage = study.rule()["stages"][0]
+    # mean ranks tie (fast first at 1x, safe first at 3x) and the rank order alone puts "fast" first; but its 3x run
+    # wrecked (5.0 against 1.25 x the grid's best, 1.0), while "safe" ended 1.2 there: within the check
+    assert stage["failing"] == {"fast": ["teacher_student"], "safe": []}
+    assert stage["order"][0] == "safe" and study.rule()["winner"] == "safe"
+
+
 def test_mean_ranks_and_the_tie_break():
     table = {"a": {"x": 1.0, "y": 2.0, "z": 3.0}, "b": {"x": 2.0, "y": 1.0, "z": 3.0}, "c": {"x": 1.0, "y": 2.0}}
     assert mean_ranks(table) == {"x": pytest.approx(4 / 3), "y": pytest.approx(5 / 3), "z": 3.0}
