@@ -41,10 +41,6 @@ def build_model(size: str, device: str):
         tie_word_embeddings=True)).to(device)
 
 
-def vocabulary(model) -> int:
-    return model.config.decoder.vocab_size if hasattr(model.config, "decoder") else model.config.vocab_size
-
-
 def state_bytes(optimizer) -> int:
     """What the optimizer keeps between steps: ``memory_usage()`` where it reports it, else its state's tensors."""
     if hasattr(optimizer, "memory_usage"):
@@ -121,7 +117,7 @@ def measure(size: str, methods: dict, reps: int, device: str, seq_len: int, batc
     """Each method on its own copy of the model, on the same random-token batches; ``skip`` untimed steps first
     (past an opening that costs more than the steady state, e.g. the trust region's)."""
     models = [build_model(size, device) for _ in methods]
-    generator, vocab = torch.Generator().manual_seed(0), vocabulary(models[0])
+    generator, vocab = torch.Generator().manual_seed(0), models[0].get_output_embeddings().weight.shape[0]
     tokens = [torch.randint(2, vocab, (batch, seq_len), generator=generator) for _ in range(8)]
     batches = [{"input_ids": t.to(device), "attention_mask": torch.ones_like(t).to(device),
                 "labels": t.flip(1).to(device)} for t in tokens]

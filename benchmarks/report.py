@@ -33,10 +33,8 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 def metric_mean(rows: list[dict], name: str) -> str:
     """A final metric's mean over the seeds that recorded it (rows older than the metric lack it: said)."""
     values = [r["metrics"][name] for r in rows if name in r.get("metrics", {})]
-    if not values:
-        return "—"
-    return f"{statistics.fmean(values):.1f}" + (f" ({len(values)} of {len(rows)} seeds)" if len(values) < len(rows)
-                                               else "")
+    partial = f" ({len(values)} of {len(rows)} seeds)" if len(values) < len(rows) else ""
+    return f"{statistics.fmean(values):.1f}{partial}" if values else "—"
 
 
 def _json(value):

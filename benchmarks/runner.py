@@ -420,14 +420,11 @@ class Study:
     def failing_tasks(self, name: str, tasks, checks: list[dict]) -> list[str]:
         """The tasks where a seed of ``name`` fails one of the rule's ``failures`` checks: in the cell of
         ``factor``, a score above ``above`` × the cell grid's best (a wreck from 3× the best LR, a stall at it)."""
-        failing = []
-        for task in tasks:
-            best = self.grid_best(task, self.config["cells"]["grid"])
-            cells = [(check, self.cell(task, name, check["factor"])) for check in checks]
-            if best and any(cell and any(not score.run_score(r, self.score_kind(task)) <= check["above"] * best[1]
-                                         for r in cell["rows"]) for check, cell in cells):
-                failing.append(task)
-        return failing
+        def fails(task: str, best) -> bool:
+            return any(not score.run_score(r, self.score_kind(task)) <= check["above"] * best[1] for check in checks
+                       for r in (self.cell(task, name, check["factor"]) or {"rows": []})["rows"])
+
+        return [t for t in tasks if (best := self.grid_best(t, self.config["cells"]["grid"])) and fails(t, best)]
 
     def ranked_on(self, task: str) -> list[str]:
         """The candidates a task runs: all in the first stage's tasks, the finalists elsewhere (when known)."""

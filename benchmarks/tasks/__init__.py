@@ -70,9 +70,9 @@ def translation_metrics(tokenizer, sources: dict[str, torch.Tensor], references:
         for i in range(0, len(references), batch_size):
             mask = sources["attention_mask"][i:i + batch_size]
             width = int(mask.sum(1).max())  # without the padding columns no row uses
-            output = model.generate(input_ids=sources["input_ids"][i:i + batch_size, :width].to(device),
-                                    attention_mask=mask[:, :width].to(device), num_beams=1, do_sample=False,
-                                    max_new_tokens=max_new_tokens)
+            source = {"input_ids": sources["input_ids"][i:i + batch_size, :width].to(device),
+                      "attention_mask": mask[:, :width].to(device)}
+            output = model.generate(**source, num_beams=1, do_sample=False, max_new_tokens=max_new_tokens)
             hypotheses += tokenizer.batch_decode(output, skip_special_tokens=True)
         model.train(was_training)
         return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
