@@ -166,14 +166,13 @@ def run(study: str, output: Path | None, quick: bool) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes, reps = (["d64"], 2) if quick else (config["sizes"], config["reps"])
     methods = dict(list(config["methods"].items())[:4] if quick else config["methods"].items())  # AdamW first
-    started = time.perf_counter()
+    batch, skip, started = config.get("batch", BATCH), 0 if quick else config.get("skip", 0), time.perf_counter()
     record = {"environment": {**runner.environment(), "benchmark_device": device, "load_average_at_start":
                               list(os.getloadavg())},
-              "settings": {"seq_len": config["seq_len"], "batch": config.get("batch", BATCH), "reps": reps,
-                           "skip": 0 if quick else config.get("skip", 0), "methods": methods}, "sizes": {}}
+              "settings": {"seq_len": config["seq_len"], "batch": batch, "reps": reps, "skip": skip,
+                           "methods": methods}, "sizes": {}}
     for size in sizes:
-        record["sizes"][size] = measure(size, methods, reps, device, config["seq_len"], config.get("batch", BATCH),
-                                        0 if quick else config.get("skip", 0))
+        record["sizes"][size] = measure(size, methods, reps, device, config["seq_len"], batch, skip)
     record["environment"]["wall_clock_s"] = round(time.perf_counter() - started, 1)
     path = Path(output or runner.STUDIES / study / "runs") / f"{device}_{time.strftime('%Y%m%d_%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,7 @@ class Report:
         self.winner = self.rule.get("winner")
         self.finalists = stages[0].get("finalists") if stages and stages[0]["done"] else None
         self.failed_share = float(self.config.get("failed_share", 0.1))
+        self.thresholds: dict[str, float | None] = {}  # task → score.failure_threshold, once per task
 
     def names_on(self, task: str) -> list[str]:
         """The methods shown on a task: the candidates it ranked, then the others (in study.toml's order)."""
@@ -88,12 +89,12 @@ class Report:
     def failed(self, task: str, factor: float, cell: dict) -> int | None:
         """The cell's seeds that ended far above the tuned value: above it + ``failed_share`` (default 0.1) of what
         the cell grid's best gained from step 0 (score.failure_threshold)."""
-        best = self.study.grid_values(task, self.cells_grid)
-        if not best:
-            return None
-        start, _ = self.saturation(task, self.cells_grid, best)
-        threshold = score.failure_threshold(min(best.values()), start, self.failed_share)
-        return score.failed(cell["rows"], threshold, self.study.score_kind(task))
+        if task not in self.thresholds:
+            best = self.study.grid_values(task, self.cells_grid)
+            self.thresholds[task] = best and score.failure_threshold(
+                min(best.values()), self.saturation(task, self.cells_grid, best)[0], self.failed_share)
+        threshold = self.thresholds[task]
+        return None if threshold is None else score.failed(cell["rows"], threshold, self.study.score_kind(task))
 
     def saturation(self, task: str, grid: str, values: dict[float, float]) -> tuple[float, float]:
         """The grid's best cell: its mean validation loss at step 0 and its value over it (see score.left_of_start)."""

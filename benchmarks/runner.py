@@ -421,8 +421,8 @@ class Study:
         """The tasks where a seed of ``name`` fails one of the rule's ``failures`` checks: in the cell of
         ``factor``, a score above ``above`` × the cell grid's best (a wreck from 3× the best LR, a stall at it)."""
         def fails(task: str, best) -> bool:
-            return any(not score.run_score(r, self.score_kind(task)) <= check["above"] * best[1] for check in checks
-                       for r in (self.cell(task, name, check["factor"]) or {"rows": []})["rows"])
+            return any(score.failed((self.cell(task, name, check["factor"]) or {"rows": []})["rows"],
+                                    check["above"] * best[1], self.score_kind(task)) for check in checks)
 
         return [t for t in tasks if (best := self.grid_best(t, self.config["cells"]["grid"])) and fails(t, best)]
 
