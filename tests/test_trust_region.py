@@ -151,8 +151,9 @@ from test_fsdp import batch_of, relative_difference  # noqa: E402
 from tiny import copy_task_batch, tiny_bart  # noqa: E402
 
 
-def _train(model, optimizer, steps, seed=0, trace=None, fixed=False):
-    """``steps`` steps on the reverse task (``fixed``: the same batch every step); the losses."""
+def _train(model, optimizer, steps, seed=0, trace=None, fixed=False, scheduler=None):
+    """``steps`` steps on the reverse task (``fixed``: the same batch every step; ``scheduler`` stepped after each);
+    the losses."""
     generator = torch.Generator().manual_seed(seed)
     losses, batch = [], copy_task_batch(generator) if fixed else None
     for _ in range(steps):
@@ -163,9 +164,11 @@ def _train(model, optimizer, steps, seed=0, trace=None, fixed=False):
             optimizer.observe(batch)
         optimizer.step()
         optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(loss.item())
         if trace is not None:
-            trace.append((optimizer.lr_multipliers[0], optimizer.trust_region.last))
+            trace.append((optimizer.lr_multipliers[0], optimizer.trust_region and optimizer.trust_region.last))
     return losses
 
 
@@ -230,16 +233,9 @@ def test_in_a_warm_up_the_meta_steps_keep_their_interval():
         model = tiny_bart()
         optimizer = APOLR(model.parameters(), model=model, lr=1e-3, trust_region=setting)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 40))
-        generator, multipliers = torch.Generator().manual_seed(0), []
-        for _ in range(30):
-            batch = copy_task_batch(generator)
-            model(**batch).loss.backward()
-            optimizer.observe(batch)
-            optimizer.step()
-            optimizer.zero_grad()
-            warmup.step()
-            multipliers.append(optimizer.lr_multipliers[0])
-        runs[setting] = (optimizer.meta_steps, multipliers, optimizer)
+        trace = []
+        _train(model, optimizer, 30, trace=trace, scheduler=warmup)
+        runs[setting] = (optimizer.meta_steps, [m for m, _ in trace], optimizer)
     assert runs[1.0][0] == runs["none"][0] <= 3  # every 10 steps, not every step
     assert runs[1.0][1] == pytest.approx(runs["none"][1], rel=1e-6)
     assert runs[1.0][2].trust_region.measurements == 30 and runs[1.0][2].trust_region.shrinks == 0
