@@ -24,6 +24,7 @@ def main(argv=None) -> None:
                           "still has each method on a seed); the cells still wait for all of theirs")
     run.add_argument("--factors", type=float, nargs="+",
                      help="train only the cells of these factors of the best LR (e.g. 1 3: the best LR and 3x)")
+    run.add_argument("--methods", nargs="+", help="train only these methods in the cells")
     run.add_argument("--spectra", metavar="TASK", help="record the candidates' factor spectra on TASK instead")
     rep = sub.add_parser("report", help="write reports from the runs on file")
     rep.add_argument("studies", nargs="*")
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
                     else overhead.report(name, args.runs, args.output))
         elif args.command == "run":
             study = runner.Study(name, args.quick, args.runs, training=True, dry=args.dry, tasks=args.tasks,
-                                 seeds=args.seeds, factors=args.factors)
+                                 seeds=args.seeds, factors=args.factors, methods=args.methods)
             runner.record_spectra(study, args.spectra) if args.spectra else study.run()
             done = ("\n".join(" ".join(map(str, m)) for m in study.missing) or f"{name}: every run is on file") \
                 if args.dry else f"{name}: its runs are in {study.store.directory}"

@@ -17,13 +17,14 @@ from typing import Callable
 import torch
 
 from hf_apo import APOLR, APOPrecond, ProximalObjective
+from hf_apo.trust_region import TrustRegionRule
 from hf_apo.defaults import settings
 
 BUILDERS: dict[str, Callable] = {}
 COMMON = {"schedule": None, "warmup_fraction": 0.05, "weight_decay": 0.0}  # every kind; schedule None: the task's
 # Hyperparameters added after runs were stored, at the value that reproduces those runs: left out of a run's key, so
 # a builder gaining one keeps the stored runs valid (at another value it is another run).
-ADDED_LATER = {"trust_region": "none"}
+ADDED_LATER = {"trust_region": "none", "trust_region_opening": None}
 SCHEDULES = ("constant", "linear", "warmup_cosine", "warmup_linear")
 
 
@@ -114,8 +115,11 @@ def _objective(ctx, loss_batch, lambda_fsd, lambda_wsd, horizon):
 @builder
 def apo_lr(ctx, lr, weight_decay=0.0, loss_batch="next", lambda_fsd=None, lambda_wsd=0.0, horizon=None,
            meta_interval=None, meta_lr=None, meta_batch_fraction=0.25, meta_optimizer=None, adaptive_interval=None,
-           max_meta_step=None, trust_region=None):
-    """APO-LR over AdamW."""
+           max_meta_step=None, trust_region=None, trust_region_opening=None):
+    """APO-LR over AdamW. ``trust_region_opening``: the KL bound's opening in steps (0: it only shrinks)."""
+    if trust_region_opening is not None:
+        trust_region = TrustRegionRule("kl", max_kl=float(trust_region), opening_steps=trust_region_opening,
+                                       interval=meta_interval)
     return APOLR(ctx.params, _objective(ctx, loss_batch, lambda_fsd, lambda_wsd, horizon), base="adamw", lr=lr,
                  weight_decay=weight_decay, meta_interval=meta_interval, meta_lr=meta_lr,
                  meta_batch_fraction=meta_batch_fraction, meta_optimizer=meta_optimizer,

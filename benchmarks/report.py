@@ -111,10 +111,8 @@ class Report:
         kind, tasks = spec["kind"], spec.get("tasks", self.study.tasks)
         per_task: dict[str, list[float]] = {}
         for task in tasks:
-            values = []
-            for factor in spec.get("cells", self.factors) if kind in ("relative", "lr_ratio") else [1.0]:
-                value = self.target_value(spec, method, task, factor)
-                values.append(value)
+            values = [self.target_value(spec, method, task, factor)
+                      for factor in (spec.get("cells", self.factors) if kind in ("relative", "lr_ratio") else [1.0])]
             if values and None not in values:
                 per_task[task] = values
         if kind == "diverged":
@@ -311,10 +309,8 @@ class Report:
                 if name is not None:
                     body.append([task, name, f"{row['lr']:g}", row["seed"], row["steps"],
                                  f"{fmt(row['losses'][0])} → {fmt(row['final'])}"])
-        if not body:
-            return []
         return ["## Runs on file (the study is not finished)", "", *table(
-            ["task", "method", "LR", "seed", "steps", "validation loss, step 0 → final"], body), ""]
+            ["task", "method", "LR", "seed", "steps", "validation loss, step 0 → final"], body), ""] if body else []
 
     # figures --------------------------------------------------------------------------------------------------------
     def plot(self, spec: dict, path: Path) -> bool:
@@ -397,8 +393,7 @@ class Report:
     def _plot_curves(self, row, task, names, colours):
         entry = self.cells(task)[1.0]
         for name in names:
-            cell = entry.get(name) or self.study.cell(task, name, 1.0)
-            if not cell:
+            if not (cell := entry.get(name) or self.study.cell(task, name, 1.0)):
                 continue
             rows = cell["rows"]
             length = min(len(r["losses"]) for r in rows)

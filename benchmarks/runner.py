@@ -220,10 +220,11 @@ class Study:
     """A study.toml, its store and the stores it reads. With ``training``, a missing run is trained and stored."""
 
     def __init__(self, name: str, quick: bool = False, runs: Path | None = None, training: bool = False,
-                 dry: bool = False, tasks=None, seeds=None, factors=None, root: Path = STUDIES):
+                 dry: bool = False, tasks=None, seeds=None, factors=None, methods=None, root: Path = STUDIES):
         self.name, self.dir, self.quick, self.training, self.dry = name, Path(root) / name, quick, training or dry, dry
         self.train_seeds = None if seeds is None else set(seeds)  # train only these (a seed-staged run); read all
         self.train_factors = None if factors is None else set(factors)  # run() trains only these cells
+        self.train_methods = methods  # and only these methods in them
         self.missing: list[tuple] = []  # dry: the runs a training would add
         self.config = load_config(name, root)
         self.store = Store(runs or self.dir / "runs")
@@ -451,7 +452,7 @@ class Study:
                 if self.train_factors is not None and factor not in self.train_factors:
                     continue
                 for name in names:
-                    if self.runs_on(task, name):
+                    if self.runs_on(task, name) and (self.train_methods is None or name in self.train_methods):
                         for lr in self.method_lrs(task, name, factor):
                             self.rows(task, name, lr)
             for group in self.config.get("precision", []):

@@ -93,8 +93,7 @@ def tie_key(name: str, method: dict, preferences: list) -> tuple:
 
 def lr_ratio(row: dict, fraction: float) -> float | None:
     """The learned LR multiplier at ``fraction`` of the run against where it ends, as a factor ≥ 1 (None: no trace)."""
-    trace = row.get("lr_multiplier") or []
-    if not trace:
+    if not (trace := row.get("lr_multiplier")):
         return None
     early, end = trace[min(len(trace) - 1, int(fraction * len(trace)))], trace[-1]
     return max(early / end, end / early)

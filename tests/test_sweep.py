@@ -41,6 +41,10 @@ def test_keys_round_the_lr_and_default_to_float32():
     older = {k: v for k, v in apo.items() if k != "trust_region"}
     assert run_key("t", apo, 0.003, 0, 30) == run_key("t", older, 0.003, 0, 30)
     assert run_key("t", {**apo, "trust_region": "kl"}, 0.003, 0, 30) != run_key("t", older, 0.003, 0, 30)
+    assert apo["trust_region_opening"] is None  # the rule's own opening: the runs before it existed
+    assert run_key("t", {**apo, "trust_region_opening": 0}, 0.003, 0, 30) != run_key("t", apo, 0.003, 0, 30)
+    older = {k: v for k, v in apo.items() if k not in ("trust_region", "trust_region_opening")}
+    assert run_key("t", apo, 0.003, 0, 30) == run_key("t", older, 0.003, 0, 30)
 
 
 def test_a_method_typo_fails_and_defaults_are_filled():
@@ -131,8 +135,10 @@ def test_a_study_trains_its_candidates_first_and_only_the_cells_asked_for(tmp_pa
                      'candidate = { kind = "apo_lr" }\n[rule]\ncandidates = ["candidate"]\nstages = [{}]'))
     Study("s", root=tmp_path, training=True, factors=[3.0]).run()
     assert trained == [("adamw", 1e-3, 0), ("apo_lr", 3e-3, 0), ("sgd", 3e-3, 0)]  # the grid, then the 3× cell only
+    Study("s", root=tmp_path, training=True, methods=["peer"]).run()  # only the methods asked for
+    assert trained[3:] == [("sgd", 1e-3, 0)]
     Study("s", root=tmp_path, training=True).run()
-    assert trained[3:] == [("apo_lr", 1e-3, 0), ("sgd", 1e-3, 0)]
+    assert trained[4:] == [("apo_lr", 1e-3, 0)]
 
 
 def test_a_candidate_that_fails_the_rules_checks_on_more_tasks_loses_whatever_its_rank(tmp_path, monkeypatch):

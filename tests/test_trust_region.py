@@ -225,6 +225,25 @@ def test_growth_doubles_the_lr_until_the_first_step_out_of_the_quadratic_regime(
     assert max(b / a for a, b in zip(multipliers[end:], multipliers[end + 1:])) < 1.2  # then the meta step's moves
 
 
+def test_without_an_opening_the_bound_only_shrinks():
+    """``opening_steps=0``: the same 1e-5 start never doubles (φ moves by the meta step's own small steps, every 10),
+    and a huge LR is still cut down at the first step."""
+    model = tiny_bart()
+    rule = TrustRegionRule(criterion="kl", max_kl=1.0, opening_steps=0)
+    optimizer = APOLR(model.parameters(), model=model, lr=1e-5, trust_region=rule)
+    trace = []
+    _train(model, optimizer, 40, trace=trace, fixed=True)
+    multipliers = [m for m, _ in trace]
+    assert not optimizer.trust_region.opening and trace[0][1].verdict == "room"  # room, and still no growth
+    assert multipliers[-1] > 1.0 and max(b / a for a, b in zip(multipliers, multipliers[1:])) < 1.2
+    assert optimizer.meta_steps <= 4
+    model = tiny_bart()
+    rule = TrustRegionRule(criterion="kl", max_kl=0.1, opening_steps=0)
+    optimizer = APOLR(model.parameters(), model=model, lr=3.0, trust_region=rule)
+    losses = _train(model, optimizer, 10)
+    assert max(losses) < 1.2 * losses[0] and optimizer.lr_multipliers[0] <= 2 ** -6
+
+
 def test_in_a_warm_up_the_meta_steps_keep_their_interval():
     """A warm-up lets φ only fall, so the opening's meta step at every step would only lower it, 100 times (it ended
     teacher-student's warm-up runs at a multiplier of 0.0007): in a warm-up φ moves as without the trust region."""
