@@ -17,14 +17,13 @@ from typing import Callable
 import torch
 
 from hf_apo import APOLR, APOPrecond, ProximalObjective
-from hf_apo.trust_region import TrustRegionRule
 from hf_apo.defaults import settings
 
 BUILDERS: dict[str, Callable] = {}
 COMMON = {"schedule": None, "warmup_fraction": 0.05, "weight_decay": 0.0}  # every kind; schedule None: the task's
 # Hyperparameters added after runs were stored, at the value that reproduces those runs: left out of a run's key, so
 # a builder gaining one keeps the stored runs valid (at another value it is another run).
-ADDED_LATER = {"trust_region": "none", "trust_region_opening": None}
+ADDED_LATER = {"trust_region": "none", "trust_region_opening": 100}
 SCHEDULES = ("constant", "linear", "warmup_cosine", "warmup_linear")
 
 
@@ -116,14 +115,12 @@ def _objective(ctx, loss_batch, lambda_fsd, lambda_wsd, horizon):
 def apo_lr(ctx, lr, weight_decay=0.0, loss_batch="next", lambda_fsd=None, lambda_wsd=0.0, horizon=None,
            meta_interval=None, meta_lr=None, meta_batch_fraction=0.25, meta_optimizer=None, adaptive_interval=None,
            max_meta_step=None, trust_region=None, trust_region_opening=None):
-    """APO-LR over AdamW. ``trust_region_opening``: the KL bound's opening in steps (0: it only shrinks)."""
-    if trust_region_opening is not None:
-        trust_region = TrustRegionRule("kl", max_kl=float(trust_region), opening_steps=trust_region_opening,
-                                       interval=meta_interval)
+    """APO-LR over AdamW."""
     return APOLR(ctx.params, _objective(ctx, loss_batch, lambda_fsd, lambda_wsd, horizon), base="adamw", lr=lr,
                  weight_decay=weight_decay, meta_interval=meta_interval, meta_lr=meta_lr,
                  meta_batch_fraction=meta_batch_fraction, meta_optimizer=meta_optimizer,
-                 adaptive_interval=adaptive_interval, max_meta_step=max_meta_step, trust_region=trust_region)
+                 adaptive_interval=adaptive_interval, max_meta_step=max_meta_step, trust_region=trust_region,
+                 trust_region_opening=trust_region_opening)
 
 
 @builder
@@ -206,7 +203,7 @@ TRAINER_SCHEDULES = {"linear": {}, "constant": {"lr_scheduler_type": "constant"}
                      "warmup_cosine": {"lr_scheduler_type": "cosine"}, "warmup_linear": {}}
 APO_FLAGS = ("loss_batch", "lambda_fsd", "lambda_wsd", "horizon", "meta_interval", "meta_lr", "meta_batch_fraction",
              "meta_optimizer", "adaptive_interval", "max_meta_step", "max_factor_dim", "lookahead_steps",
-             "spectral_meta_step", "stochastic_rounding", "trust_region")
+             "spectral_meta_step", "stochastic_rounding", "trust_region", "trust_region_opening")
 
 
 def trainer_flags(method: dict, steps: int) -> tuple[dict, dict | None]:
@@ -220,7 +217,8 @@ def trainer_flags(method: dict, steps: int) -> tuple[dict, dict | None]:
     if kind in ("sgd", "apo_precond") and method.get("base", "sgd") == "sgd":
         flags |= {"optim": "sgd", "optim_args": f"momentum={method['momentum']}"}
     if kind in ("apo_lr", "apo_precond"):
-        flags |= {"apo": kind[4:], **{f"apo_{k}": method[k] for k in APO_FLAGS if k in method}}
+        flags |= {"apo": kind[4:], **{f"apo_{k}": method[k] for k in APO_FLAGS if k in method and not (
+            k == "trust_region_opening" and method["trust_region"] == "none")}}
         if kind == "apo_precond":
             flags["apo_precond_size"] = method["size"]
         return flags, None

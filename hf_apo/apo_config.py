@@ -139,6 +139,10 @@ class APOArgumentsMixin:
         "during a warm-up; in the first steps the LR doubles while steps stay below a tenth of the bound and the "
         "meta-gradient agrees. Measured every step of that opening, then every --apo_meta_interval steps. Default: "
         "none.")})
+    apo_trust_region_opening: int | None = field(default=None, metadata={"help": (
+        "--apo_trust_region: the opening's length in steps, the first steps in which the learned LR may double; 0 "
+        "for a bound that only shrinks (a from-scratch transformer can look safe for a few steps and collapse at the "
+        "doubled LR later). >= 0. Default: 100.")})
     apo_label_shift: str = field(
         default="auto",
         metadata={
@@ -148,29 +152,19 @@ class APOArgumentsMixin:
             "choices": ["auto", "0", "1"],
         },
     )
-    apo_meta_batch_fraction: float = field(
-        default=0.25,
-        metadata={
-            "help": "The meta batch B' (for the KL term) is this fraction of the previous training micro-batch. "
-            "Smaller is cheaper. In (0, 1]."
-        },
-    )
-    apo_lr_clamp: float = field(
-        default=10.0,
-        metadata={"help": "--apo lr (and --apo_precond_size lr): the log learning-rate multiplier is clamped to [-c, c] (a "
-                  "numerical guard). > 0."},
-    )
+    apo_meta_batch_fraction: float = field(default=0.25, metadata={"help": (
+        "The meta batch B' (for the KL term) is this fraction of the previous training micro-batch. Smaller is "
+        "cheaper. In (0, 1].")})
+    apo_lr_clamp: float = field(default=10.0, metadata={"help": (
+        "--apo lr (and --apo_precond_size lr): the log learning-rate multiplier is clamped to [-c, c] (a numerical "
+        "guard). > 0.")})
     apo_max_factor_dim: int = field(default=1024, metadata={
         "help": "--apo precond: a weight side longer than this, or than the weight's other side, gets a diagonal "
         "factor instead of a dense one (the vocabulary side of embeddings always does). >= 1."})
-    apo_lookahead_steps: int = field(
-        default=1,
-        metadata={
-            "help": "--apo precond with momentum: the look-ahead follows this many steps of the momentum buffer (no new "
-            "gradient), so the meta-objective sees the displacement the fresh preconditioned gradient will carry; "
-            "1 is the paper's one-step look-ahead. >= 1."
-        },
-    )
+    apo_lookahead_steps: int = field(default=1, metadata={"help": (
+        "--apo precond with momentum: the look-ahead follows this many steps of the momentum buffer (no new "
+        "gradient), so the meta-objective sees the displacement the fresh preconditioned gradient will carry; 1 is "
+        "the paper's one-step look-ahead. >= 1.")})
     apo_spectral_meta_step: bool = field(
         default=True,
         metadata={
@@ -267,6 +261,10 @@ class APOArgumentsMixin:
         if self.apo_trust_region not in (None, "none") and not _positive_number(self.apo_trust_region):
             raise ValueError(f"--apo_trust_region must be 'none' or a KL bound > 0 in nats per token (e.g. 1.0); got "
                              f"{self.apo_trust_region!r}.")
+        opening = self.apo_trust_region_opening
+        if opening is not None and (not isinstance(opening, int) or opening < 0):
+            raise ValueError(f"--apo_trust_region_opening must be an integer >= 0 (0: the bound only shrinks); got "
+                             f"{opening!r}.")
         if self.apo_max_meta_step is not None and not self.apo_max_meta_step >= 1e-3:
             raise ValueError(f"--apo_max_meta_step must be >= 0.001; got {self.apo_max_meta_step!r}.")
         if self.apo_horizon is not None and not self.apo_horizon >= 1:
@@ -282,6 +280,8 @@ class APOArgumentsMixin:
         learns_lr = self.apo == "lr" or (self.apo == "precond" and self.apo_setting("apo_precond_size") == "lr")
         if self.apo_trust_region not in (None, "none") and not learns_lr:
             raise ValueError("--apo_trust_region bounds a learned LR: use --apo lr or --apo precond --apo_precond_size lr.")
+        if self.apo_trust_region_opening is not None and self.apo_setting("apo_trust_region") == "none":
+            raise ValueError("--apo_trust_region_opening is the trust region's: set --apo_trust_region or drop it.")
         if self.apo_precond_size not in (None, "factors") and self.apo != "precond":
             raise ValueError(f"--apo_precond_size {self.apo_precond_size} is --apo precond's; drop it or pass --apo "
                              "precond.")

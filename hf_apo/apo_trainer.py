@@ -148,7 +148,8 @@ class APOTrainerMixin:
                      meta_optimizer=args.apo_setting("apo_meta_optimizer"),
                      adaptive_interval=args.apo_setting("apo_adaptive_interval"),
                      max_meta_step=args.apo_setting("apo_max_meta_step"),
-                     trust_region=args.apo_setting("apo_trust_region"), **meta)
+                     trust_region=args.apo_setting("apo_trust_region"),
+                     trust_region_opening=args.apo_setting("apo_trust_region_opening"), **meta)
 
     def _apo_precond(self, model, base, objective: ProximalObjective, meta: dict):
         """APO-Precond over the AdamW or SGD the parent built; with ``--apo_precond_size lr``, inside APO-LR."""
@@ -168,6 +169,7 @@ class APOTrainerMixin:
         return APOLR.default_over(precond, model, meta_lr=None if self.args.apo_effective_meta_lr > 0 else 0.0,
                                   log_lr_range=(-self.args.apo_lr_clamp, self.args.apo_lr_clamp),
                                   trust_region=self.args.apo_setting("apo_trust_region"),
+                                  trust_region_opening=self.args.apo_setting("apo_trust_region_opening"),
                                   label_shift=precond.objective.label_shift)
 
     def apo_diagonal_row_params(self, model) -> list:

@@ -67,20 +67,18 @@ class APOLR(MetaLearnedOptimizer):
             depend on it (:data:`hf_apo.linear_lr.REGISTRY`: torch's SGD, RMSprop, Adam, AdamW, NAdam, Adamax,
             Adagrad, transformers' Adafactor with a fixed LR, bitsandbytes' and torchao's low-bit AdamW / Lion).
         objective: the proximal meta-objective; required when ``meta_lr > 0`` unless ``model`` is given.
-        model: instead of ``objective``: ``--apo lr``'s default objective for this model
-            (:meth:`ProximalObjective.for_apo`: the next batch, horizon 10,000, λ 0; hf_apo.defaults).
+        model: instead of ``objective``: ``--apo lr``'s default objective for it (:meth:`ProximalObjective.for_apo`).
         base: ``"sgd"``, ``"rmsprop"``, ``"adam"`` or ``"adamw"`` (ignored when an optimizer is passed).
         meta_interval: a meta step every this many optimizer steps (K).
-        meta_lr: Adam learning rate on φ; φ moves about ``meta_lr`` per meta step, so a c× change of the LR
-            takes ln(c) / meta_lr meta steps. 0 turns meta-learning off.
+        meta_lr: Adam's LR on φ: a c× change of the LR takes about ln(c) / meta_lr meta steps. 0: meta-learning off.
         meta_batch_fraction: the meta batch B′ is this fraction of the previously observed batch.
-        log_lr_range: clamp of φ = log(multiplier).
-        meta_betas: Adam betas of the meta-optimizer (``meta_optimizer="adam"``).
+        log_lr_range, meta_betas: the clamp of φ = log(multiplier); the Adam betas of ``meta_optimizer="adam"``.
         meta_optimizer: ``"adam"`` or ``"rprop"`` (sign-agreement step sizes on φ; ``meta_lr`` is the first step).
         max_meta_step: ``"rprop"``: the largest step of φ in one meta step (1.0: a factor e on the LR).
         adaptive_interval: meta steps every step while φ keeps moving one way, every ``meta_interval`` after a flip.
         trust_region: ``"none"``, ``"kl"``, ``"ratio"``, a KL bound (nats per token) or a ``TrustRegionRule``: the
-            step taken is bounded by its own KL on B′ (:mod:`hf_apo.trust_region`).
+            step taken is bounded by its own KL on B′ (:mod:`hf_apo.trust_region`); ``trust_region_opening``: the
+            steps in which it may double φ (0: it only shrinks; a rule carries its own).
         **base_kwargs: forwarded to the base optimizer (``lr``, ``weight_decay``, ``momentum``, ...).
 
     The defaults of every argument are ``--apo lr``'s (hf_apo.defaults). Usage::
@@ -109,6 +107,7 @@ class APOLR(MetaLearnedOptimizer):
         adaptive_interval: bool = LR_META_STEP["adaptive_interval"],
         max_meta_step: float = LR_META_STEP["max_meta_step"],
         trust_region: TrustRegionRule | str | None = LR_META_STEP["trust_region"],
+        trust_region_opening: int = LR_META_STEP["trust_region_opening"],
         **base_kwargs: Any,
     ):
         self.base_optimizer = wrapped_optimizer(params_or_optimizer, base, base_kwargs)
@@ -124,18 +123,19 @@ class APOLR(MetaLearnedOptimizer):
         self.warmup = WarmupWatch()
         self.displacement = Displacement()  # loss_batch "next": D, the discounted sum of steps
         self.pending: MetaGradient | None = None  # loss_batch "next": ∂Q/∂φ of the look-ahead, awaiting the gradient
-        self.trust_region = trust_region_of(trust_region, meta_interval)
+        self.trust_region = trust_region_of(trust_region, meta_interval, trust_region_opening)
         self._warming_up = False  # the scheduled LR rose at this step: the meta step only lowers φ
         self._initialized = True
 
     @classmethod
     def default_over(cls, optimizer, model, meta_lr: float | None = None, log_lr_range=(-10.0, 10.0),
-                     trust_region=LR_META_STEP["trust_region"], **objective):
+                     trust_region=LR_META_STEP["trust_region"],
+                     trust_region_opening=LR_META_STEP["trust_region_opening"], **objective):
         """``--apo lr``'s default around ``optimizer`` (e.g. a shape-only APO-Precond whose size it learns);
         ``objective``: :meth:`ProximalObjective.for_apo`'s keyword arguments."""
         meta = {} if meta_lr is None else {"meta_lr": meta_lr}
         return cls(optimizer, ProximalObjective.for_apo(model, "lr", **objective), log_lr_range=log_lr_range,
-                   trust_region=trust_region, **meta)
+                   trust_region=trust_region, trust_region_opening=trust_region_opening, **meta)
 
     # -- φ, as the one float32 tensor LogLR owns; these names read it ---------------------------------------
     log_lr = property(lambda self: self.phi.log_lr, doc="φ: the float32 log-multiplier per group.")

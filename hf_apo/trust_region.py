@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 
+from .defaults import LR_META_STEP
 from .distributed import all_reduce_mean, local_tensor
 
 CRITERIA = ("ratio", "kl")
@@ -56,7 +57,7 @@ class TrustRegionRule:
     shrink: float = 0.5  # the factor of one backtracking halving
     growth: float = 2.0  # the factor of one opening increase
     max_backtracks: int = 6  # at most shrink**6 = 1/64 within one step
-    opening_steps: int = 100  # the opening ends here at the latest
+    opening_steps: int = LR_META_STEP["trust_region_opening"]  # the opening ends here at the latest (0: none)
     interval: int = 10  # after the opening, a measurement every this many steps
 
     def __post_init__(self):
@@ -241,19 +242,20 @@ def bounded_step(optimizer, region: TrustRegion, base_step: Callable[[], None]) 
     return region.bound_step(optimizer.step_count, measure, gain, lambda factor: shrink_step_(params, deltas, factor))
 
 
-def trust_region_of(setting: TrustRegionRule | str | float | None, interval: int) -> TrustRegion | None:
+def trust_region_of(setting: TrustRegionRule | str | float | None, interval: int,
+                    opening: int = LR_META_STEP["trust_region_opening"]) -> TrustRegion | None:
     """The optimizer's trust region from its ``trust_region`` argument: None/"none" (off), "kl" or "ratio" (the rule
-    with that criterion and its defaults), a number (``"kl"`` with that bound in nats per token), or a rule; after
-    the opening a strategy given by name measures every ``interval`` steps."""
+    with that criterion and its defaults), a number (``"kl"`` with that bound in nats per token), or a rule; a
+    strategy given by name has an opening of ``opening`` steps and measures every ``interval`` steps after it."""
     if setting is None or setting == "none":
         return None
     if isinstance(setting, (int, float)) or (isinstance(setting, str) and _is_number(setting)):
-        setting = TrustRegionRule(criterion="kl", max_kl=float(setting), interval=interval)
+        setting = TrustRegionRule(criterion="kl", max_kl=float(setting), interval=interval, opening_steps=opening)
     if isinstance(setting, str):
         if setting not in CRITERIA:
             raise ValueError(f"trust_region must be 'none', one of {', '.join(CRITERIA)} or a TrustRegionRule, got "
                              f"{setting!r}.")
-        setting = TrustRegionRule(criterion=setting, interval=interval)
+        setting = TrustRegionRule(criterion=setting, interval=interval, opening_steps=opening)
     return TrustRegion(setting)
 
 

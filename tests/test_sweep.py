@@ -41,7 +41,7 @@ def test_keys_round_the_lr_and_default_to_float32():
     older = {k: v for k, v in apo.items() if k != "trust_region"}
     assert run_key("t", apo, 0.003, 0, 30) == run_key("t", older, 0.003, 0, 30)
     assert run_key("t", {**apo, "trust_region": "kl"}, 0.003, 0, 30) != run_key("t", older, 0.003, 0, 30)
-    assert apo["trust_region_opening"] is None  # the rule's own opening: the runs before it existed
+    assert apo["trust_region_opening"] == 100  # hf_apo's default: the runs before it was a hyperparameter
     assert run_key("t", {**apo, "trust_region_opening": 0}, 0.003, 0, 30) != run_key("t", apo, 0.003, 0, 30)
     older = {k: v for k, v in apo.items() if k not in ("trust_region", "trust_region_opening")}
     assert run_key("t", apo, 0.003, 0, 30) == run_key("t", older, 0.003, 0, 30)
