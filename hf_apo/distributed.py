@@ -174,6 +174,8 @@ class Layout:
             packed = torch.stack([objective.to(torch.float64), non_finite.to(objective.device, torch.float64)])
             all_reduce_mean(packed)
             return bool(torch.isfinite(packed[0])) and float(packed[1]) == 0, float(packed[0])
+        if _world_size() == 1:  # nothing to average: no packed copy of the meta-gradient
+            return bool(torch.isfinite(meta_grad).all()) and bool(torch.isfinite(objective)), float(objective)
         packed = torch.cat([meta_grad.reshape(-1), objective.reshape(1).to(meta_grad.dtype)])
         all_reduce_mean(packed)
         meta_grad.copy_(packed[:-1].view_as(meta_grad))
