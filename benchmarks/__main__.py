@@ -24,7 +24,7 @@ def main(argv=None) -> None:
                           "still has each method on a seed); the cells still wait for all of theirs")
     run.add_argument("--factors", type=float, nargs="+",
                      help="train only the cells of these factors of the best LR (e.g. 1 3: the best LR and 3x)")
-    run.add_argument("--methods", nargs="+", help="train only these methods in the cells")
+    run.add_argument("--methods", nargs="+", help="train only these methods in the cells, whatever the rule's stage")
     run.add_argument("--spectra", metavar="TASK", help="record the candidates' factor spectra on TASK instead")
     rep = sub.add_parser("report", help="write reports from the runs on file")
     rep.add_argument("studies", nargs="*")

@@ -224,7 +224,7 @@ class Study:
         self.name, self.dir, self.quick, self.training, self.dry = name, Path(root) / name, quick, training or dry, dry
         self.train_seeds = None if seeds is None else set(seeds)  # train only these (a seed-staged run); read all
         self.train_factors = None if factors is None else set(factors)  # run() trains only these cells
-        self.train_methods = methods  # and only these methods in them
+        self.train_methods = methods  # and only these methods in them (candidates too, on a stage not yet reached)
         self.missing: list[tuple] = []  # dry: the runs a training would add
         self.config = load_config(name, root)
         self.store = Store(runs or self.dir / "runs")
@@ -448,11 +448,13 @@ class Study:
                     for lr in self.grid_lrs(task, grid):
                         self.rows(task, grid, lr)
             names = self.ranked_on(task) + [n for n in self.config["methods"] if n not in candidates]
+            if self.train_methods is not None:  # named: whatever the rule's stage
+                names = [n for n in self.config["methods"] if n in self.train_methods]
             for factor in self.config["cells"].get("factors", [1.0]):
                 if self.train_factors is not None and factor not in self.train_factors:
                     continue
                 for name in names:
-                    if self.runs_on(task, name) and (self.train_methods is None or name in self.train_methods):
+                    if self.runs_on(task, name):
                         for lr in self.method_lrs(task, name, factor):
                             self.rows(task, name, lr)
             for group in self.config.get("precision", []):

@@ -141,6 +141,24 @@ def test_a_study_trains_its_candidates_first_and_only_the_cells_asked_for(tmp_pa
     assert trained[4:] == [("apo_lr", 1e-3, 0)]
 
 
+def test_a_candidate_named_by_methods_trains_on_a_stage_the_rule_has_not_reached(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(task, data, method, lr, seed, steps, eval_every, precision="fp32", callback=None):
+        trained.append((method["kind"], lr))
+        return {"final": lr, "losses": [1.0, lr], "eval_steps": [0, steps], "diverged": False}
+
+    monkeypatch.setattr(runner, "train_in_process", fake_train)
+    monkeypatch.setattr(runner.TASKS["teacher_student"], "load", lambda quick: None)
+    write_study(tmp_path, "s", STUDY.replace('["teacher_student", "finetune"]', '["teacher_student"]').replace(
+        "[methods]", '[seeds]\nteacher_student = [0]\n[methods]\ncandidate = { kind = "apo_lr" }\n[rule]\n'
+                     'candidates = ["candidate"]\nstages = [{ tasks = ["digits_classification"], finalists = 1 }, {}]'))
+    Study("s", root=tmp_path, training=True).run()
+    assert trained == [("adamw", 1e-3)]  # teacher_student is stage 2's: it waits for stage 1's finalists
+    Study("s", root=tmp_path, training=True, methods=["candidate"]).run()
+    assert trained == [("adamw", 1e-3), ("apo_lr", 1e-3)]
+
+
 def test_a_candidate_that_fails_the_rules_checks_on_more_tasks_loses_whatever_its_rank(tmp_path, monkeypatch):
     finals = {("apo_lr", 3e-3): 5.0, ("sgd", 3e-3): 1.2, ("apo_lr", 1e-3): 0.5, ("sgd", 1e-3): 0.9}
 
