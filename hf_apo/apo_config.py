@@ -136,9 +136,9 @@ class APOArgumentsMixin:
         "--apo lr (and the size learned with --apo_precond_size lr): bound each step by its own KL on the meta batch. "
         "'none', or the largest KL a step may have, in nats per target token (e.g. 1.0 when fine-tuning, 0.1 from "
         "scratch): a larger step is halved in place until it fits and the learned LR comes down with it, also "
-        "during a warm-up; in the first steps the LR doubles while steps stay below a tenth of the bound and the "
-        "meta-gradient agrees. Measured every step of that opening, then every --apo_meta_interval steps. Default: "
-        "none.")})
+        "during a warm-up; in the opening (--apo_trust_region_opening) the LR doubles while steps stay below a tenth "
+        "of the bound and the meta-gradient agrees. Measured every step of the opening, then every "
+        "--apo_meta_interval steps. Default: none.")})
     apo_trust_region_opening: int | None = field(default=None, metadata={"help": (
         "--apo_trust_region: the opening's length in steps, the first steps in which the learned LR may double; 0 "
         "for a bound that only shrinks (a from-scratch transformer can look safe for a few steps and collapse at the "
