@@ -16,6 +16,7 @@ from .defaults import (  # noqa: F401  (re-exported: the flags' choices and defa
     APO_DEFAULTS, APO_LOSS_BATCHES, APO_LR_META_OPTIMIZERS, APO_LR_OPTIMS, APO_MODES, APO_PRECOND_OPTIMS,
     APO_PRECOND_SIZES, DEFAULT_LOSS_BATCH, DEFAULT_PRECOND_SIZE, settings as apo_settings,
 )
+from .trust_region import kl_bound
 
 DEEPSPEED_REFUSAL = (
     "--apo does not support DeepSpeed (it replaces the optimizer with its own). To shard a model that does not fit "
@@ -23,13 +24,6 @@ DEEPSPEED_REFUSAL = (
     "--apo none."
 )
 FSDP2_OPT_IN = "HF_APO_FSDP2"
-
-
-def _positive_number(text) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
 
 
 def check_apo_fsdp(version: int, xla: bool = False, cpu_offload: bool = False) -> None:
@@ -258,7 +252,7 @@ class APOArgumentsMixin:
             value = getattr(self, flag)
             if value is not None and not value >= 0:
                 raise ValueError(f"--{flag} must be >= 0; got {value!r}. Use 0 to drop that proximity term.")
-        if self.apo_trust_region not in (None, "none") and not _positive_number(self.apo_trust_region):
+        if self.apo_trust_region not in (None, "none") and not (kl_bound(self.apo_trust_region) or 0) > 0:
             raise ValueError(f"--apo_trust_region must be 'none' or a KL bound > 0 in nats per token (e.g. 1.0); got "
                              f"{self.apo_trust_region!r}.")
         opening = self.apo_trust_region_opening

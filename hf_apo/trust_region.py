@@ -249,19 +249,21 @@ def trust_region_of(setting: TrustRegionRule | str | float | None, interval: int
     strategy given by name has an opening of ``opening`` steps and measures every ``interval`` steps after it."""
     if setting is None or setting == "none":
         return None
-    if isinstance(setting, (int, float)) or (isinstance(setting, str) and _is_number(setting)):
-        setting = TrustRegionRule(criterion="kl", max_kl=float(setting), interval=interval, opening_steps=opening)
-    if isinstance(setting, str):
-        if setting not in CRITERIA:
-            raise ValueError(f"trust_region must be 'none', one of {', '.join(CRITERIA)} or a TrustRegionRule, got "
-                             f"{setting!r}.")
+    if (bound := kl_bound(setting)) is not None:
+        setting = TrustRegionRule(criterion="kl", max_kl=bound, interval=interval, opening_steps=opening)
+    elif setting in CRITERIA:
         setting = TrustRegionRule(criterion=setting, interval=interval, opening_steps=opening)
+    if not isinstance(setting, TrustRegionRule):
+        raise ValueError(f"trust_region must be 'none', one of {', '.join(CRITERIA)}, a KL bound in nats per token or "
+                         f"a TrustRegionRule, got {setting!r}.")
     return TrustRegion(setting)
 
 
-def _is_number(text: str) -> bool:
+def kl_bound(setting) -> float | None:
+    """The KL bound a ``trust_region`` setting names (a number, or a string that is one), else None."""
+    if isinstance(setting, bool) or not isinstance(setting, (int, float, str)):
+        return None
     try:
-        float(text)
+        return float(setting)
     except ValueError:
-        return False
-    return True
+        return None

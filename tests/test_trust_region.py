@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hf_apo.trust_region import TrustRegion, TrustRegionRule, first_order_gain, shrink_step_
+from hf_apo.trust_region import TrustRegion, TrustRegionRule, first_order_gain, shrink_step_, trust_region_of
 
 
 @pytest.mark.parametrize("kl, gain, verdict", [
@@ -39,6 +39,16 @@ def test_fixed_kl_verdicts_ignore_the_gain(kl, verdict):
 def test_bad_settings_name_the_setting(setting, match):
     with pytest.raises(ValueError, match=match):
         TrustRegionRule(**setting)
+
+
+def test_a_setting_by_name_or_number_becomes_its_rule_and_anything_else_is_refused():
+    rule = trust_region_of("0.5", interval=7, opening=0).rule  # the Trainer's flag value is a string
+    assert (rule.criterion, rule.max_kl, rule.interval, rule.opening_steps) == ("kl", 0.5, 7, 0)
+    assert trust_region_of("ratio", interval=3).rule == TrustRegionRule(criterion="ratio", interval=3)
+    assert trust_region_of("none", interval=3) is None
+    for bad in ("tight", True):
+        with pytest.raises(ValueError, match="trust_region must be 'none', one of ratio, kl, a KL bound"):
+            trust_region_of(bad, interval=3)
 
 
 def test_first_order_gain_is_minus_the_inner_product():
