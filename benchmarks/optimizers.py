@@ -217,8 +217,8 @@ def trainer_flags(method: dict, steps: int) -> tuple[dict, dict | None]:
     if kind in ("sgd", "apo_precond") and method.get("base", "sgd") == "sgd":
         flags |= {"optim": "sgd", "optim_args": f"momentum={method['momentum']}"}
     if kind in ("apo_lr", "apo_precond"):
-        flags |= {"apo": kind[4:], **{f"apo_{k}": method[k] for k in APO_FLAGS if k in method and not (
-            k == "trust_region_opening" and method["trust_region"] == "none")}}
+        flags |= {"apo": kind[4:], **{f"apo_{k}": method[k] for k in APO_FLAGS  # an ADDED_LATER value: the default's
+                                      if k in method and ADDED_LATER.get(k, ()) != method[k]}}
         if kind == "apo_precond":
             flags["apo_precond_size"] = method["size"]
         return flags, None
