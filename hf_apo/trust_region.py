@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from .defaults import LR_META_STEP
+from .defaults import LR_META_STEP, META_INTERVAL
 from .distributed import all_reduce_mean, local_tensor
 
 CRITERIA = ("ratio", "kl")
@@ -58,7 +58,7 @@ class TrustRegionRule:
     growth: float = 2.0  # the factor of one opening increase
     max_backtracks: int = 6  # at most shrink**6 = 1/64 within one step
     opening_steps: int = LR_META_STEP["trust_region_opening"]  # the opening ends here at the latest (0: none)
-    interval: int = 10  # after the opening, a measurement every this many steps
+    interval: int = META_INTERVAL  # after the opening, a measurement every this many steps
 
     def __post_init__(self):
         check_rule(self)
