@@ -111,3 +111,22 @@ def test_a_lora_run_is_reproducible_from_its_seed():
     finally:
         torch.set_num_threads(threads)
     assert first["losses"] == second["losses"] and first["train_losses"] == second["train_losses"]
+
+
+def test_a_checkpoint_is_named_by_its_weights_not_by_who_wrote_it(tmp_path):
+    """The rows' ``checkpoint`` is a hash of the saved tensors: the same weights saved twice (in other files, with other
+    metadata) name the same checkpoint, and one changed element names another."""
+    from safetensors.torch import save_file
+
+    from benchmarks.tasks._trainer import weights_sha256
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(3, dtype=torch.float16)}
+    for name, metadata in (("one", None), ("two", {"format": "pt", "writer": "another version"})):
+        (tmp_path / name).mkdir()
+        save_file(dict(reversed(tensors.items())) if metadata else tensors, tmp_path / name / "model.safetensors",
+                  metadata=metadata)
+    assert weights_sha256(tmp_path / "one") == weights_sha256(tmp_path / "two")
+    tensors["b.weight"][1, 2] += 1e-6
+    (tmp_path / "three").mkdir()
+    save_file(tensors, tmp_path / "three" / "model.safetensors")
+    assert weights_sha256(tmp_path / "three") != weights_sha256(tmp_path / "one")

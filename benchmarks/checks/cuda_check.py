@@ -25,11 +25,9 @@ from tiny import CopyDataset, tiny_bart, tiny_t5  # noqa: E402
 
 def train(trainer_cls, args_cls, model, **overrides):
     with tempfile.TemporaryDirectory() as output_dir:
-        defaults = dict(
-            output_dir=output_dir, report_to=[], per_device_train_batch_size=16, max_steps=60, logging_steps=10,
-            save_strategy="no", seed=0, data_seed=0, disable_tqdm=True, learning_rate=1e-3,
-            lr_scheduler_type="constant",
-        )
+        defaults = dict(output_dir=output_dir, report_to=[], per_device_train_batch_size=16, max_steps=60,
+                        logging_steps=10, save_strategy="no", seed=0, data_seed=0, disable_tqdm=True,
+                        learning_rate=1e-3, lr_scheduler_type="constant")
         trainer = trainer_cls(model=model, args=args_cls(**{**defaults, **overrides}), train_dataset=CopyDataset(256))
         trainer.train()
     return trainer

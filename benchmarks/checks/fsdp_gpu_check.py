@@ -76,19 +76,13 @@ def check_variant(name, work, processes, device_args):
         "meta_steps": [h["apo/meta_steps"] for h in fsdp[0]["log_history"] if "apo/meta_steps" in h][-1],
     }
     killed_dir = os.path.join(work, "killed")
-    killed = launch(killed_dir, [*args, *FSDP2, "--kill_at_step", "7"], processes, check=False)
-    out["killed_exit_code"] = killed.returncode
-    launch(killed_dir, [*args, *FSDP2, "--resume_from_checkpoint", os.path.join(killed_dir, "checkpoint-4")],
-           processes)
+    out["killed_exit_code"] = launch(killed_dir, [*args, *FSDP2, "--kill_at_step", "7"], processes, False).returncode
+    launch(killed_dir, [*args, *FSDP2, "--resume_from_checkpoint", os.path.join(killed_dir, "checkpoint-4")], processes)
     resumed = [load(killed_dir, rank) for rank in range(processes)]
-    out["resume_bitwise_equal"] = all(
-        all(torch.equal(a, b) for a, b in zip(r["params"] + r["meta"], s["params"] + s["meta"]))
-        for r, s in zip(resumed, fsdp)
-    )
-    out["ok"] = (
-        out["sharded"] and out["meta_equal_on_ranks"] and out["params_rel_diff"] < 1e-5 and out["meta_rel_diff"] < 1e-5
-        and out["killed_exit_code"] != 0 and out["resume_bitwise_equal"]
-    )
+    out["resume_bitwise_equal"] = all(all(map(torch.equal, r["params"] + r["meta"], s["params"] + s["meta"]))
+                                      for r, s in zip(resumed, fsdp))
+    out["ok"] = (out["sharded"] and out["meta_equal_on_ranks"] and out["params_rel_diff"] < 1e-5
+                 and out["meta_rel_diff"] < 1e-5 and out["killed_exit_code"] != 0 and out["resume_bitwise_equal"])
     return out
 
 

@@ -1,5 +1,6 @@
 """What the two Trainer tasks share: the en→de number-word pairs, a cached pretraining (in ``<tmp>/hf_apo_benchmarks``
-with a ``COMPLETE`` marker holding the hash of its settings, corpus and versions: the rows' ``checkpoint``), a run."""
+with a ``COMPLETE`` marker holding the hash of its settings, corpus and versions), its weights' hash (the rows'
+``checkpoint``: the same whatever versions wrote it), a run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from benchmarks.tasks.translation import offline_default
 
@@ -28,8 +30,8 @@ def quiet() -> None:
 
 
 def load_pairs(split: str) -> list[dict]:
-    with open(offline_default()[1].data_files[split], encoding="utf-8") as reader:
-        return [json.loads(line)["translation"] for line in reader]
+    lines = Path(offline_default()[1].data_files[split]).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["translation"] for line in lines]
 
 
 def languages(reverse: bool) -> tuple[str, str]:
@@ -49,14 +51,14 @@ def fine_tuning_data(encode, tokenizer, quick: bool) -> tuple[list, list]:
 
 
 def cached_pretraining(cache_dir: Path, settings: dict, fingerprint: dict, model_for, arguments_class, trainer_of,
-                       encoder) -> dict:
-    """Pretrain (or reuse) a model on en→de in ``cache_dir``; returns the checkpoint's record (``pretrain.json``)."""
+                       encoder) -> str:
+    """Pretrain (or reuse) a model on en→de in ``cache_dir``; returns the hash of its weights."""
     digest = hashlib.sha256(json.dumps({
         **settings, **fingerprint, "corpus": offline_default()[0].cache_fingerprint(), "eval_pairs": EVAL_PAIRS,
         "torch": torch.__version__, "transformers": transformers.__version__}, sort_keys=True).encode()).hexdigest()
     marker, record_file = cache_dir / "COMPLETE", cache_dir / "pretrain.json"
     if marker.is_file() and marker.read_text().strip() == digest and record_file.is_file():
-        return json.loads(record_file.read_text())
+        return weights_sha256(cache_dir)
     quiet()
     model_dir = offline_default()[1].model_dir
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -78,10 +80,19 @@ def cached_pretraining(cache_dir: Path, settings: dict, fingerprint: dict, model
     marker.unlink(missing_ok=True)
     model.save_pretrained(cache_dir)
     tokenizer.save_pretrained(cache_dir)
-    record = {"dir": str(cache_dir), "settings_sha256": digest, "settings": settings, "eval_loss_en_de": eval_loss}
-    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    record_file.write_text(json.dumps({"dir": str(cache_dir), "settings_sha256": digest, "settings": settings,
+                                       "eval_loss_en_de": eval_loss}, indent=2) + "\n")
     marker.write_text(digest + "\n")
-    return record
+    return weights_sha256(cache_dir)
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """A hash of a saved model's tensors (names, dtypes, shapes, bytes): what a row's ``checkpoint`` names."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(model_dir / "model.safetensors").items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def train_and_record(model, tokenizer, arguments_class, trainer_of, flags: dict, data, learning_rate: float, seed: int,

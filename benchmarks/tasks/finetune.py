@@ -34,14 +34,14 @@ def trainer_for(model, tokenizer, args, train, evaluation, optimizer=None):
 
 
 def checkpoint(quick: bool = False) -> str:
-    """The hash of the pretrained checkpoint (pretrained now if this machine has none cached)."""
+    """The hash of the pretrained checkpoint's weights (pretrained now if this machine has none cached)."""
     from hf_apo import APOSeq2SeqTrainingArguments
 
     def model_for(model_dir, tokenizer):
         return transformers.AutoModelForSeq2SeqLM.from_config(transformers.AutoConfig.from_pretrained(model_dir))
 
     return cached_pretraining(pretrained_dir("finetune", quick), QUICK_PRETRAIN if quick else PRETRAIN, {}, model_for,
-                              APOSeq2SeqTrainingArguments, trainer_for, encode)["settings_sha256"]
+                              APOSeq2SeqTrainingArguments, trainer_for, encode)
 
 
 def run(flags: dict, lr: float, seed: int, steps: int, eval_every: int, quick: bool, optimizer_builder=None) -> dict:

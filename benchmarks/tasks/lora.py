@@ -66,7 +66,7 @@ def checkpoint(quick: bool = False) -> str:
             eos_token_id=tokenizer.eos_token_id, **MODEL))
 
     return cached_pretraining(pretrained_dir("lora", quick), QUICK_PRETRAIN if quick else PRETRAIN, {"model": MODEL},
-                              model_for, APOTrainingArguments, trainer_for, encode)["settings_sha256"]
+                              model_for, APOTrainingArguments, trainer_for, encode)
 
 
 def run(flags: dict, lr: float, seed: int, steps: int, eval_every: int, quick: bool, optimizer_builder=None) -> dict:
