@@ -62,12 +62,12 @@ class Report:
         self.thresholds: dict[str, float | None] = {}  # task → score.failure_threshold, once per task
 
     def names_on(self, task: str) -> list[str]:
-        """The methods shown on a task: the candidates it ranked, then the others (in study.toml's order)."""
-        candidates = self.study.candidates()
-        stages = self.config.get("rule", {}).get("stages", [{}])
-        ranked = candidates if task in stages[0].get("tasks", self.study.tasks) else (self.finalists or [])
+        """The methods shown on a task: the candidates (on a later stage's, the finalists first), then the others."""
+        candidates, stages = self.study.candidates(), self.config.get("rule", {}).get("stages", [{}])
+        if task not in stages[0].get("tasks", self.study.tasks):
+            candidates = list(dict.fromkeys((self.finalists or []) + candidates))
         others = [n for n in self.config["methods"] if n not in candidates]
-        return [n for n in ranked + others if self.study.runs_on(task, n)]
+        return [n for n in candidates + others if self.study.runs_on(task, n)]
 
     def reference(self, task: str, factor: float, name=None) -> float | None:
         """The value a method is compared to: a grid's best, a method's cell value, or the best of several."""
