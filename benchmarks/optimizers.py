@@ -114,8 +114,8 @@ def _objective(ctx, loss_batch, lambda_fsd, lambda_wsd, horizon):
 @builder
 def apo_lr(ctx, lr, weight_decay=0.0, loss_batch="next", lambda_fsd=None, lambda_wsd=0.0, horizon=None,
            meta_interval=None, meta_lr=None, meta_batch_fraction=0.25, meta_optimizer=None, adaptive_interval=None,
-           max_meta_step=None, trust_region=None, trust_region_opening=None):
-    """APO-LR over AdamW."""
+           max_meta_step=None, trust_region="none", trust_region_opening=100):
+    """APO-LR over AdamW, without a bound unless the method names one (hf_apo's default: 1.0 nat/token, opening 0)."""
     return APOLR(ctx.params, _objective(ctx, loss_batch, lambda_fsd, lambda_wsd, horizon), base="adamw", lr=lr,
                  weight_decay=weight_decay, meta_interval=meta_interval, meta_lr=meta_lr,
                  meta_batch_fraction=meta_batch_fraction, meta_optimizer=meta_optimizer,
@@ -127,7 +127,7 @@ def apo_lr(ctx, lr, weight_decay=0.0, loss_batch="next", lambda_fsd=None, lambda
 def apo_precond(ctx, lr, weight_decay=0.0, base="sgd", momentum=0.0, size="factors", loss_batch="same",
                 lambda_fsd=None, lambda_wsd=0.0, horizon=None, meta_interval=None, meta_lr=None,
                 meta_batch_fraction=0.25, max_factor_dim=1024, lookahead_steps=1, spectral_meta_step=True,
-                stochastic_rounding=True):
+                stochastic_rounding=True, trust_region="none", trust_region_opening=100):
     """APO-Precond over SGD (with ``momentum``) or AdamW. ``size``: ``factors`` (the factors carry size and shape),
     ``shape`` (shape-only factors, the schedule's size) or ``lr`` (shape-only factors, APO-LR's default learns the
     size: ``--apo_precond_size lr``)."""
@@ -138,7 +138,8 @@ def apo_precond(ctx, lr, weight_decay=0.0, base="sgd", momentum=0.0, size="facto
                            lookahead_steps=lookahead_steps, spectral_meta_step=spectral_meta_step,
                            stochastic_rounding=stochastic_rounding, shape_only=size in ("shape", "lr"), **base_kwargs)
     if size == "lr":
-        optimizer = APOLR.default_over(optimizer, ctx.model, divergence=ctx.divergence, forward=ctx.forward)
+        optimizer = APOLR.default_over(optimizer, ctx.model, divergence=ctx.divergence, forward=ctx.forward,
+                                       trust_region=trust_region, trust_region_opening=trust_region_opening)
     return optimizer
 
 
@@ -217,8 +218,9 @@ def trainer_flags(method: dict, steps: int) -> tuple[dict, dict | None]:
     if kind in ("sgd", "apo_precond") and method.get("base", "sgd") == "sgd":
         flags |= {"optim": "sgd", "optim_args": f"momentum={method['momentum']}"}
     if kind in ("apo_lr", "apo_precond"):
-        flags |= {"apo": kind[4:], **{f"apo_{k}": method[k] for k in APO_FLAGS  # an ADDED_LATER value: the default's
-                                      if k in method and ADDED_LATER.get(k, ()) != method[k]}}
+        bounded = method.get("trust_region", "none") != "none"  # an opening only with a bound
+        flags |= {"apo": kind[4:], **{f"apo_{k}": method[k] for k in APO_FLAGS if k in method
+                                      and (bounded or k != "trust_region_opening")}}
         if kind == "apo_precond":
             flags["apo_precond_size"] = method["size"]
         return flags, None

@@ -9,9 +9,7 @@ from collections.abc import Callable
 
 def run_score(row: dict, kind: str = "final") -> float:
     """A run's score: its final validation loss, or (``best``) the best along the run; a diverged run is inf."""
-    if not math.isfinite(row["final"]):
-        return math.inf
-    return min(row["losses"]) if kind == "best" else row["final"]
+    return math.inf if not math.isfinite(row["final"]) else min(row["losses"]) if kind == "best" else row["final"]
 
 
 def cell_value(rows: list[dict], kind: str = "final") -> float:

@@ -128,15 +128,15 @@ class APOArgumentsMixin:
         "every --apo_meta_interval steps after the meta-gradient flips sign. Default: false.")})
     apo_trust_region: str | None = field(default=None, metadata={"help": (
         "--apo lr (and the size learned with --apo_precond_size lr): bound each step by its own KL on the meta batch. "
-        "'none', or the largest KL a step may have, in nats per target token (e.g. 1.0 when fine-tuning, 0.1 from "
-        "scratch): a larger step is halved in place until it fits and the learned LR comes down with it, also "
-        "during a warm-up; in the opening (--apo_trust_region_opening) the LR doubles while steps stay below a tenth "
-        "of the bound and the meta-gradient agrees. Measured every step of the opening, then every "
-        "--apo_meta_interval steps. Default: none.")})
+        "'none' (no bound), or the largest KL a step may have, in nats per target token: a larger step is halved in "
+        "place until it fits and the learned LR comes down with it, also during a warm-up, and the learned LR does not "
+        "rise while steps are above a tenth of the bound. Measured at step 1, every --apo_meta_interval steps and "
+        "after the LR rose (every step of an opening). Default: 1.0.")})
     apo_trust_region_opening: int | None = field(default=None, metadata={"help": (
-        "--apo_trust_region: the opening's length in steps, the first steps in which the learned LR may double; 0 "
-        "for a bound that only shrinks (a from-scratch transformer can look safe for a few steps and collapse at the "
-        "doubled LR later). >= 0. Default: 100.")})
+        "--apo_trust_region: an opening of this many steps, in which the learned LR doubles at each step while steps "
+        "stay below a tenth of the bound and the meta-gradient agrees; 0 for a bound that only shrinks (a "
+        "from-scratch transformer can look safe for a few steps and collapse at the doubled LR later). >= 0. "
+        "Default: 0.")})
     apo_label_shift: str = field(
         default="auto",
         metadata={

@@ -198,11 +198,16 @@ class APOTrainerMixin:
             )
         # First training forward: refuse a model APO cannot score before any parameter changes.
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.args.apo_setting("apo_lambda_fsd") > 0 and get_output(outputs, "logits") is None:
+        args = self.args
+        learns_lr = args.apo == "lr" or args.apo_setting("apo_precond_size") == "lr"
+        uses = ["--apo_lambda_fsd > 0"] if args.apo_setting("apo_lambda_fsd") > 0 else []
+        if learns_lr and (bound := args.apo_setting("apo_trust_region")) != "none":
+            uses.append(f"--apo_trust_region {bound} (a KL bound on each step; 'none' drops it)")
+        if uses and get_output(outputs, "logits") is None:
             raise ValueError(
-                f"--apo {self.args.apo} with --apo_lambda_fsd > 0 compares output distributions, but "
+                f"--apo {args.apo} with {' and '.join(uses)} compares output distributions, but "
                 f"{type(self.model).__name__} returns no `logits`. Set --apo_lambda_fsd 0 (and --apo_lambda_wsd > 0) "
-                "or use --apo none."
+                "and --apo_trust_region none, or use --apo none."
             )
         self._apo_outputs_checked = True
         return (loss, outputs) if return_outputs else loss

@@ -33,9 +33,10 @@ APO_PRECOND_SIZES = ("factors", "shape", "lr")
 # learned by APO-LR; over SGD the factors that carry size and shape
 DEFAULT_PRECOND_SIZE = {"adamw": "lr", "sgd": "factors"}
 # APOLR's meta step, and its trust region ("none", "kl", "ratio" or a KL bound in nats per token: hf_apo.trust_region;
-# its opening, the first steps in which φ may double, in steps: 0 for a bound that only shrinks)
-LR_META_STEP = {"meta_optimizer": "adam", "adaptive_interval": False, "max_meta_step": 1.0, "trust_region": "none",
-                "trust_region_opening": 100}
+# by default 1 nat per token, a bound that only shrinks: its opening, the first steps in which φ may double, is 0;
+# docs/method.md says why)
+LR_META_STEP = {"meta_optimizer": "adam", "adaptive_interval": False, "max_meta_step": 1.0, "trust_region": 1.0,
+                "trust_region_opening": 0}
 
 
 def _flags(mode: str, lambda_fsd: float, horizon: float) -> dict:

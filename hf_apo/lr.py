@@ -289,7 +289,7 @@ class APOLR(MetaLearnedOptimizer):
         return changes
 
     def _meta_step_scheduled(self) -> bool:
-        if self.trust_region is not None and self.trust_region.opening and not self._warming_up:
+        if self.trust_region is not None and self.trust_region.looks_ahead(self.step_count) and not self._warming_up:
             return self.pending is None  # φ may grow at every step (not in a warm-up: there it may only fall)
         if not self.adaptive_interval:
             return super()._meta_step_scheduled()

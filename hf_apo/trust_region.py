@@ -175,6 +175,12 @@ class TrustRegion:
         self.measurements += 1
         return self.last
 
+    def looks_ahead(self, step: int) -> bool:
+        """Whether the opening asks for a meta step at ``step`` (φ may grow at each of its steps): until it ends, and
+        at most to ``opening_steps`` (to step 1 without an opening), also where its steps are look-aheads it does not
+        measure (``loss_batch="same"``)."""
+        return self.opening and step <= max(1, self.rule.opening_steps)
+
     def limit(self, change: float, meta_gradient: float) -> float:
         """The change of one group's φ the meta step may make: ×``growth`` in the opening where there is room and
         the meta-gradient says larger; no increase after it while the last step had no room."""

@@ -21,7 +21,7 @@ def quadratic(lr, **apo):
     """SGD on ½θ² (θ ∈ R⁴), APO-LR with the next-batch objective and λ 0: meta steps are dot products."""
     theta = torch.nn.Parameter(torch.ones(4))
     objective = ProximalObjective(torch.nn.Linear(1, 1), lambda_fsd=0.0, loss_batch="next")
-    return theta, APOLR([theta], objective, base="sgd", lr=lr, **apo)
+    return theta, APOLR([theta], objective, base="sgd", lr=lr, **apo, trust_region="none")
 
 
 def train(theta, optimizer, steps, on_step=None):
@@ -162,7 +162,7 @@ def test_meta_off_is_adamw_bitwise_with_rprop_and_the_adaptive_interval():
     expected = run(reference_model, torch.optim.AdamW(groups(reference_model), lr=1e-2), mlp_batches(), observe=False)
     objective = ProximalObjective(model, lambda_fsd=0.0, loss_batch="next", horizon=100)
     optimizer = APOLR(torch.optim.AdamW(groups(model), lr=1e-2), objective, meta_lr=0.0, meta_optimizer="rprop",
-                      adaptive_interval=True)
+                      adaptive_interval=True, trust_region="none")
     got = run(model, optimizer, mlp_batches())
     assert optimizer.meta_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -55,9 +55,8 @@ def _train_least_squares(x, y, lr: float, meta_lr: float, steps: int = 400):
     torch.manual_seed(0)
     model = nn.Linear(INPUTS, OUTPUTS)
     objective = ProximalObjective(model, lambda_fsd=1.0, divergence="squared_error", forward=_squared_error_forward)
-    optimizer = APOLR(
-        model.parameters(), objective, base="adamw", lr=lr, weight_decay=0.0, meta_interval=5, meta_lr=meta_lr
-    )
+    optimizer = APOLR(model.parameters(), objective, base="adamw", lr=lr, weight_decay=0.0, meta_interval=5,
+                      meta_lr=meta_lr, trust_region="none")
     sampler = torch.Generator().manual_seed(1)
     for _ in range(steps):
         index = torch.randint(0, EXAMPLES, (BATCH,), generator=sampler)
@@ -204,7 +203,7 @@ def _adamw_twin(model, optimizer, batch, multiplier):
 def test_nan_guard_apo_lr_skips_meta_step_and_takes_base_step():
     model = MLP()
     objective = ProximalObjective(model, lambda_fsd=1.0)
-    optimizer = APOLR(model.parameters(), objective, base="adamw", lr=1e-2, meta_interval=2, meta_lr=0.1)
+    optimizer = APOLR(model.parameters(), objective, base="adamw", lr=1e-2, meta_interval=2, meta_lr=0.1, trust_region="none")
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):  # a meta step at step 2
         _mlp_step(model, optimizer, mlp_batch(generator))

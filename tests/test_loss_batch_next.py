@@ -40,7 +40,7 @@ def test_delayed_meta_gradient_matches_finite_differences(kind, base_name, lambd
     base_cls, base_kwargs = BASES[base_name]
     base = base_cls(two_groups(model), **base_kwargs)
     objective = ProximalObjective(model, lambda_fsd=lambda_fsd, lambda_wsd=lambda_wsd, loss_batch="next")
-    optimizer = APOLR(base, objective, meta_interval=3, meta_lr=0.05, meta_batch_fraction=0.5)
+    optimizer = APOLR(base, objective, meta_interval=3, meta_lr=0.05, meta_batch_fraction=0.5, trust_region="none")
     for batch in batches[:2]:  # two plain steps: non-trivial moments and momentum buffers
         set_grads(model, batch)
         optimizer.observe(batch)
@@ -75,7 +75,7 @@ def test_next_with_zero_lambdas_is_dot_products_only():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         objective = ProximalObjective(model, lambda_fsd=0.0, lambda_wsd=0.0, loss_batch="next")
-    optimizer = APOLR(model.parameters(), objective, lr=1e-4, meta_interval=1, meta_lr=0.05)
+    optimizer = APOLR(model.parameters(), objective, lr=1e-4, meta_interval=1, meta_lr=0.05, trust_region="none")
     run(model, optimizer, mlp_batches(1) * 30, observe=False)  # one batch to fit: 1e-4 is far too small
     assert len(calls) == 30
     assert optimizer.meta_steps == 29  # the last look-ahead awaits a 31st gradient
@@ -106,7 +106,7 @@ def test_next_without_meta_learning_is_the_torch_optimizer_bitwise(name):
     reference_model, model = MLP(), MLP()
     expected = run(reference_model, cls(groups(reference_model), **kwargs), mlp_batches(), observe=False)
     objective = ProximalObjective(model, lambda_fsd=0.0, loss_batch="next")
-    optimizer = APOLR(cls(groups(model), **kwargs), objective, meta_lr=0.0, meta_interval=1)
+    optimizer = APOLR(cls(groups(model), **kwargs), objective, meta_lr=0.0, meta_interval=1, trust_region="none")
     got = run(model, optimizer, mlp_batches())
     assert optimizer.meta_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
@@ -120,7 +120,7 @@ def test_state_dict_round_trip_with_a_pending_lookahead_continues_bitwise(lambda
 
     def build(model):
         objective = ProximalObjective(model, lambda_fsd=lambda_fsd, lambda_wsd=0.1, loss_batch="next", horizon=horizon)
-        return APOLR(model.parameters(), objective, base="adamw", lr=1e-3, meta_interval=interval, meta_lr=0.1)
+        return APOLR(model.parameters(), objective, base="adamw", lr=1e-3, meta_interval=interval, meta_lr=0.1, trust_region="none")
 
     uninterrupted_model = tiny_t5()
     uninterrupted = build(uninterrupted_model)
@@ -151,7 +151,7 @@ def test_horizon_meta_gradient_is_the_discounted_sum_of_steps_dotted_with_the_ne
     gamma = 1 - 1 / horizon
     base = torch.optim.AdamW(two_groups(model), weight_decay=0.1)
     objective = ProximalObjective(model, lambda_fsd=0.0, loss_batch="next", horizon=horizon)
-    optimizer = APOLR(base, objective, meta_interval=interval, meta_lr=0.05)
+    optimizer = APOLR(base, objective, meta_interval=interval, meta_lr=0.05, trust_region="none")
     snapshots = [[p.detach().clone() for p in model.parameters()]]
     checked = 0
     for step, batch in enumerate(batches, start=1):
@@ -184,7 +184,7 @@ def test_horizon_needs_next():
 def test_horizon_with_bf16_weights_keeps_a_float32_displacement():
     model = MLP().to(torch.bfloat16)
     objective = ProximalObjective(model, lambda_fsd=0.0, loss_batch="next", horizon=100)
-    optimizer = APOLR(model.parameters(), objective, lr=1e-3, meta_interval=1, meta_lr=0.05)
+    optimizer = APOLR(model.parameters(), objective, lr=1e-3, meta_interval=1, meta_lr=0.05, trust_region="none")
     generator = torch.Generator().manual_seed(0)
     from tiny import mlp_batch
 
@@ -203,7 +203,7 @@ def test_a_warm_up_holds_increases_of_the_learning_rate(loss_batch):
     """A warm-up is the user's: φ does not rise while the scheduler raises group["lr"], and learns once it stops."""
     model = MLP()
     objective = ProximalObjective(model, lambda_fsd=1.0, loss_batch=loss_batch)
-    optimizer = APOLR(model.parameters(), objective, lr=1e-3, meta_interval=1, meta_lr=0.05)
+    optimizer = APOLR(model.parameters(), objective, lr=1e-3, meta_interval=1, meta_lr=0.05, trust_region="none")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
     batch = mlp_batches(1)[0]
     for step in range(1, 21):
@@ -226,7 +226,7 @@ def test_a_warm_up_still_lowers_a_too_large_learning_rate(meta_optimizer):
     theta = torch.nn.Parameter(torch.tensor([1.0]))
     objective = ProximalObjective(torch.nn.Linear(1, 1), lambda_fsd=0.0, loss_batch="next")
     optimizer = APOLR([theta], objective, base="sgd", lr=1.9, meta_interval=1, meta_lr=0.1,
-                      meta_optimizer=meta_optimizer)
+                      meta_optimizer=meta_optimizer, trust_region="none")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))
     history = []
     for _ in range(20):  # the whole warm-up: 0.095 ... 1.9

@@ -105,7 +105,7 @@ def test_apo_lr_meta_gradient_matches_finite_differences(kind, base_name):
     base_cls, base_kwargs = BASES[base_name]
     base = base_cls(two_groups(model), **base_kwargs)
     objective = ProximalObjective(model, lambda_fsd=LAMBDA_FSD, lambda_wsd=LAMBDA_WSD)
-    optimizer = APOLR(base, objective, meta_interval=3, meta_lr=0.05, meta_batch_fraction=0.5)
+    optimizer = APOLR(base, objective, meta_interval=3, meta_lr=0.05, meta_batch_fraction=0.5, trust_region="none")
     meta_batch, batch = prepare_meta_step(model, optimizer, batches)
 
     model_theta = copy.deepcopy(model)
@@ -234,7 +234,7 @@ def test_lookahead_restores_training_mode_and_gradients():
     model = tiny_bart(dtype=torch.float64)
     model.config.dropout = 0.5
     objective = ProximalObjective(model, lambda_fsd=1.0)
-    optimizer = APOLR(model.parameters(), objective, base="sgd", lr=0.01, meta_interval=1)
+    optimizer = APOLR(model.parameters(), objective, base="sgd", lr=0.01, meta_interval=1, trust_region="none")
     batch = copy_task_batch(torch.Generator().manual_seed(0))
     set_grads(model, batch)
     grads = [p.grad.clone() for p in model.parameters()]

@@ -51,7 +51,7 @@ def test_lora_model_trains_its_adapters_only_with_the_right_label_shift(tmp_path
     trainer.train()
     optimizer = trainer.apo_optimizer
     assert optimizer.objective.label_shift == (1 if kind == "causal" else 0)
-    assert optimizer.meta_steps == 3
+    assert optimizer.meta_steps == 3 + (getattr(optimizer, "trust_region", None) is not None)  # and step 1's look-ahead
     named = dict(model.named_parameters())
     assert all(torch.equal(named[name], value) for name, value in frozen.items())  # the base stays frozen
     assert any(not torch.equal(named[name], value) for name, value in adapters.items())
@@ -91,7 +91,7 @@ def test_apo_lr_meta_gradient_on_lora_parameters_matches_finite_differences():
         p.data.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     base = torch.optim.AdamW(adapters(model), lr=0.005, weight_decay=0.1)
     objective = ProximalObjective(model, lambda_fsd=3.0, lambda_wsd=0.5)
-    optimizer = APOLR(base, objective, meta_interval=3, meta_lr=0.05, meta_batch_fraction=0.5)
+    optimizer = APOLR(base, objective, meta_interval=3, meta_lr=0.05, meta_batch_fraction=0.5, trust_region="none")
     meta_batch, batch = prepare_meta_step(model, optimizer, batches)
     model_theta, base_state = copy.deepcopy(model), copy.deepcopy(base.state_dict())
     grads = [p.grad.clone() for p in adapters(model)]
@@ -134,6 +134,7 @@ def test_a_lora_run_saved_and_resumed_continues_bitwise(tmp_path, apo, extra):
     a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
     assert all(torch.equal(a[name], b[name]) for name in a)
     factors = [t.apo_optimizer.inner if apo == "precond" else t.apo_optimizer for t in (resumed, straight)]
-    assert factors[0].meta_steps == factors[1].meta_steps == 4  # over AdamW, APO-LR learns the size over the factors
+    # over AdamW, APO-LR learns the size over the factors; APO-LR's own count has the trust region's step-1 look-ahead
+    assert factors[0].meta_steps == factors[1].meta_steps == (5 if apo == "lr" else 4)
     if apo == "lr":
         assert torch.equal(resumed.apo_optimizer.log_lr, straight.apo_optimizer.log_lr)

@@ -71,8 +71,8 @@ def test_displacement_is_the_discounted_sum_of_the_steps():
 
 # -- profiler regions ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("build", [
-    lambda m: APOLR(groups(m), ProximalObjective(m, lambda_fsd=1.0), lr=1e-3, meta_interval=2),
-    lambda m: APOLR(groups(m), ProximalObjective(m, lambda_fsd=0.0, loss_batch="next"), lr=1e-3, meta_interval=2),
+    lambda m: APOLR(groups(m), ProximalObjective(m, lambda_fsd=1.0), lr=1e-3, meta_interval=2, trust_region="none"),
+    lambda m: APOLR(groups(m), ProximalObjective(m, lambda_fsd=0.0, loss_batch="next"), lr=1e-3, meta_interval=2, trust_region="none"),
     lambda m: APOPrecond(groups(m), ProximalObjective(m, lambda_fsd=1.0), lr=0.1, momentum=0.9, meta_interval=2),
     lambda m: APOLR(APOPrecond.from_adamw(torch.optim.AdamW(groups(m)), ProximalObjective(m), shape_only=True,
                                           meta_interval=2), ProximalObjective(m, loss_batch="next", lambda_fsd=0.0),
@@ -99,7 +99,7 @@ def test_both_optimizers_mark_the_base_step_and_the_meta_step(build):
 def test_apo_lr_memory_usage_is_the_hand_count():
     model = MLP()
     objective = ProximalObjective(model, lambda_fsd=0.0, loss_batch="next", horizon=100)
-    optimizer = APOLR(groups(model), objective, base="adamw", lr=1e-3, meta_interval=2, meta_lr=0.1)
+    optimizer = APOLR(groups(model), objective, base="adamw", lr=1e-3, meta_interval=2, meta_lr=0.1, trust_region="none")
     run(model, optimizer, mlp_batches(6))
     assert optimizer.pending is not None  # step 6 was a look-ahead
     adamw = 2 * MLP_NUMEL * F32 + 4 * F32  # exp_avg, exp_avg_sq and a float32 step per parameter
@@ -127,7 +127,7 @@ def test_apo_lr_over_apo_precond_counts_both_meta_parts_once():
     model = MLP()
     inner = APOPrecond.from_adamw(torch.optim.AdamW(model.parameters(), lr=1e-3), ProximalObjective(model),
                                   shape_only=True, meta_interval=2)
-    optimizer = APOLR.default_over(inner, model)  # K 10: a look-ahead at step 10, finished at step 11
+    optimizer = APOLR.default_over(inner, model, trust_region="none")  # K 10: a look-ahead at step 10, done at 11
     run(model, optimizer, mlp_batches(12))
     assert optimizer.meta_steps == 1 and optimizer.pending is None
     usage, inner_usage = optimizer.memory_usage(), inner.memory_usage()

@@ -185,7 +185,8 @@ def test_trainer_precond_size_lr_builds_the_split(tmp_path):
     optimizer = trainer.apo_optimizer
     assert isinstance(optimizer, APOLR) and isinstance(optimizer.inner, APOPrecond)
     assert optimizer.inner.shape_only and optimizer.inner.objective.loss_batch == "next"
-    assert optimizer.meta_steps == 1 and optimizer.inner.meta_steps == 6  # K 10 for the size, 2 for the factors
+    # K 10 for the size (and step 1: its trust region's first step), 2 for the factors
+    assert optimizer.meta_steps == 2 and optimizer.inner.meta_steps == 6 and optimizer.trust_region.rule.max_kl == 1.0
     logged = [log for log in trainer.state.log_history if "apo/lr_multiplier" in log]
     assert logged and all(log["apo/precond_left_trace_mean"] == pytest.approx(1.0, rel=1e-4) for log in logged)
 

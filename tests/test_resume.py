@@ -37,4 +37,4 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, apo):
     assert all(torch.equal(a, b) for a, b in zip(straight["params"], resumed["params"]))
     assert all(torch.equal(a, b) for a, b in zip(straight["meta"], resumed["meta"]))
     meta_steps = [h["apo/meta_steps"] for h in resumed["log_history"] if "apo/meta_steps" in h]
-    assert meta_steps[-1] == (2 if apo == "lr_next" else 4)
+    assert meta_steps[-1] == (3 if apo == "lr_next" else 4)  # lr_next: steps 5 and 10, and 1 (the trust region's)

@@ -87,9 +87,10 @@ def test_apo_lr_rescues_a_tiny_learning_rate(tmp_path):
     logs = apo_logs(apo)
     multipliers = [h["apo/lr_multiplier"] for h in logs]
     assert multipliers[0] > 1 and max(multipliers) > 20
-    # the default objective scores each look-ahead on the next batch: the last one (step 60) awaits a 61st gradient
-    assert apo.apo_optimizer.objective.loss_batch == "next"
-    assert logs[-1]["apo/meta_steps"] == 29 and logs[-1]["apo/skipped_meta_steps"] == 0
+    # the default objective scores each look-ahead on the next batch: the last one (step 60) awaits a 61st gradient;
+    # the default trust region adds one at step 1, the step it first measures (30 = 1 + 29 of steps 2, 4, ..., 58)
+    assert apo.apo_optimizer.objective.loss_batch == "next" and apo.apo_optimizer.trust_region.rule.max_kl == 1.0
+    assert logs[-1]["apo/meta_steps"] == 30 and logs[-1]["apo/skipped_meta_steps"] == 0
     assert losses(apo)[-1] < losses(plain)[-1] - 0.3
 
 
@@ -166,9 +167,15 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
         trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     assert not any(name.startswith("checkpoint") for name in os.listdir(tmp_path))
-    # The default objective (next batch, no KL) needs no logits: the same model trains.
+    # The default trust region measures each step's KL: refused the same way, naming it
     trainer = APOTrainer(model=model, args=arguments(tmp_path / "default", cls=APOTrainingArguments, apo="lr",
                                                      max_steps=12), train_dataset=CopyDataset())
+    with pytest.raises(ValueError, match="--apo_trust_region 1.0"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    # The default objective (next batch, no KL) without the trust region needs no logits: the same model trains.
+    trainer = APOTrainer(model=model, args=arguments(tmp_path / "none", cls=APOTrainingArguments, apo="lr",
+                                                     apo_trust_region="none", max_steps=12), train_dataset=CopyDataset())
     trainer.train()
     assert trainer.apo_optimizer.meta_steps == 1
 
@@ -190,7 +197,8 @@ def test_refuses_model_without_logits_before_first_step(tmp_path):
         ({"apo": "precond", "optim": "sgd", "apo_trust_region": "1.0"}, "--apo_trust_region bounds a learned LR: use --apo lr"),
         ({"apo": "lr", "apo_trust_region": "1.0", "apo_trust_region_opening": -1},
          "--apo_trust_region_opening must be an integer >= 0"),
-        ({"apo": "lr", "apo_trust_region_opening": 0}, "--apo_trust_region_opening is the trust region's: set"),
+        ({"apo": "lr", "apo_trust_region": "none", "apo_trust_region_opening": 0},
+         "--apo_trust_region_opening is the trust region's: set"),
         ({"apo": "adam"}, "--apo"),
         ({"apo": "lr", "apo_loss_batch": "previous"}, "--apo_loss_batch"),
         ({"apo": "lr", "apo_loss_batch": "next", "apo_horizon": 0.5}, "--apo_horizon"),
@@ -296,7 +304,9 @@ def test_apo_lr_trains_causal_lm_and_classifier(tmp_path, kind):
     trainer.train()
     objective = trainer.apo_optimizer.objective
     assert objective.label_shift == (1 if kind == "causal_lm" else 0)
-    assert trainer.apo_optimizer.meta_steps == 5 and trainer.apo_optimizer.skipped_meta_steps == 0
+    # steps 2, 4, ..., 10, and step 1: the default trust region's first step is a look-ahead; it measures the others
+    assert trainer.apo_optimizer.meta_steps == 6 and trainer.apo_optimizer.skipped_meta_steps == 0
+    assert trainer.apo_optimizer.trust_region.measurements >= 1 and "apo/step_kl" in apo_logs(trainer)[-1]
     assert apo_logs(trainer)[-1]["apo/lr_multiplier"] != 1.0
 
 

@@ -117,7 +117,7 @@ def test_backtracking_stops_after_max_backtracks():
 
 
 def test_growth_only_in_the_opening_with_room_and_an_agreeing_meta_gradient():
-    region = TrustRegion()
+    region = TrustRegion(TrustRegionRule(opening_steps=100))
     region.bound_step(1, lambda: 1e-4, 1.0, None)  # ratio 1e-4: room
     assert region.opening
     assert region.limit(0.1, meta_gradient=-1.0) == pytest.approx(math.log(2.0))
@@ -223,7 +223,7 @@ def test_backtracking_keeps_a_huge_learning_rate_finite():
 def test_growth_doubles_the_lr_until_the_first_step_out_of_the_quadratic_regime():
     """From a 1e-5 LR on one repeated batch (the meta-gradient says "larger" at every step)."""
     model = tiny_bart()
-    optimizer = APOLR(model.parameters(), model=model, lr=1e-5, trust_region="kl")
+    optimizer = APOLR(model.parameters(), model=model, lr=1e-5, trust_region="kl", trust_region_opening=100)
     trace = []
     _train(model, optimizer, 40, trace=trace, fixed=True)
     multipliers = [m for m, _ in trace]
@@ -260,7 +260,7 @@ def test_in_a_warm_up_the_meta_steps_keep_their_interval():
     runs = {}
     for setting in ("none", 1.0):  # a bound the tiny model's steps never reach: no shrink, no growth in a warm-up
         model = tiny_bart()
-        optimizer = APOLR(model.parameters(), model=model, lr=1e-3, trust_region=setting)
+        optimizer = APOLR(model.parameters(), model=model, lr=1e-3, trust_region=setting, trust_region_opening=100)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 40))
         trace = []
         _train(model, optimizer, 30, trace=trace, scheduler=warmup)
