@@ -360,3 +360,20 @@ def test_the_trainer_flag_bounds_the_step_and_logs_its_kl(tmp_path, apo):
     logs = [h for h in trainer.state.log_history if "apo/step_kl" in h]
     assert len(logs) == 3 and all(h["apo/step_kl"] <= 0.05 for h in logs)
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+@pytest.mark.parametrize("loss_batch", ["next", "same"])
+def test_the_default_looks_ahead_at_step_1_then_at_the_interval(loss_batch):
+    """The default (a bound of 1 nat per token, no opening) adds one look-ahead, at step 1, to the meta steps every
+    ``meta_interval``. With ``loss_batch="same"`` every look-ahead step goes unmeasured; the opening's schedule still
+    ends after step 1 (it once never did there: a meta step at every step)."""
+    from hf_apo import ProximalObjective
+
+    model = tiny_bart()
+    objective = ProximalObjective(model, loss_batch=loss_batch, lambda_fsd=0.0 if loss_batch == "next" else 1.0)
+    optimizer = APOLR(model.parameters(), objective, base="adamw", lr=1e-3, meta_interval=5)
+    assert optimizer.trust_region.rule.max_kl == 1.0 and optimizer.trust_region.rule.opening_steps == 0
+    _train(model, optimizer, 20)
+    # steps 1, 5, 10, 15, 20 ("next": the look-ahead of step 20 awaits step 21's gradient)
+    assert optimizer.meta_steps == (4 if loss_batch == "next" else 5)
+    assert not optimizer.trust_region.opening and optimizer.trust_region.measurements >= 2
