@@ -193,6 +193,10 @@ class APOArgumentsMixin:
         base = "sgd" if self._optim_name() == "sgd" else "adamw"
         return apo_settings(mode, self.apo_loss_batch, base)[flag[len("apo_"):]]
 
+    def apo_learns_lr(self) -> bool:
+        """Whether APO-LR learns the step's size: ``--apo lr``, or ``--apo precond`` with ``--apo_precond_size lr``."""
+        return self.apo == "lr" or (self.apo == "precond" and self.apo_setting("apo_precond_size") == "lr")
+
     def _optim_name(self) -> str:
         try:
             return OptimizerNames(self.optim).value
@@ -271,8 +275,7 @@ class APOArgumentsMixin:
             raise ValueError(f"--apo_max_factor_dim must be an integer >= 1; got {self.apo_max_factor_dim!r}.")
 
     def _validate_apo_combinations(self) -> None:
-        learns_lr = self.apo == "lr" or (self.apo == "precond" and self.apo_setting("apo_precond_size") == "lr")
-        if self.apo_trust_region not in (None, "none") and not learns_lr:
+        if self.apo_trust_region not in (None, "none") and not self.apo_learns_lr():
             raise ValueError("--apo_trust_region bounds a learned LR: use --apo lr or --apo precond --apo_precond_size lr.")
         if self.apo_trust_region_opening is not None and self.apo_setting("apo_trust_region") == "none":
             raise ValueError("--apo_trust_region_opening is the trust region's: set --apo_trust_region or drop it.")

@@ -199,9 +199,8 @@ class APOTrainerMixin:
         # First training forward: refuse a model APO cannot score before any parameter changes.
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         args = self.args
-        learns_lr = args.apo == "lr" or args.apo_setting("apo_precond_size") == "lr"
         uses = ["--apo_lambda_fsd > 0"] if args.apo_setting("apo_lambda_fsd") > 0 else []
-        if learns_lr and (bound := args.apo_setting("apo_trust_region")) != "none":
+        if args.apo_learns_lr() and (bound := args.apo_setting("apo_trust_region")) != "none":
             uses.append(f"--apo_trust_region {bound} (a KL bound on each step; 'none' drops it)")
         if uses and get_output(outputs, "logits") is None:
             raise ValueError(
